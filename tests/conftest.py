@@ -1,0 +1,28 @@
+"""Shared fixtures: the real Mistral SentencePiece models shipped with mistral-common, tiny configs."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _mistral_data(name):
+    mc = pytest.importorskip("mistral_common")
+    path = os.path.join(os.path.dirname(mc.__file__), "data", name)
+    assert os.path.exists(path), f"mistral-common no longer ships {name}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def mistral_v1_model():
+    """Path of Mistral's v1 SentencePiece model (32,000 pieces)."""
+    return _mistral_data("tokenizer.model.v1")
+
+
+@pytest.fixture(scope="session")
+def mistral_v3_model():
+    """Path of Mistral's v3 SentencePiece model (32,768 pieces)."""
+    return _mistral_data("mistral_instruct_tokenizer_240323.model.v3")
