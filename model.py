@@ -1,0 +1,499 @@
+"""A Llama / Mistral decoder in one file, loading and saving Hugging Face-format checkpoints.
+
+What is here: the `Config` of a Llama-2 or Mistral model (read from a `config.json` of either
+style, or a preset by name), the decoder itself (`Transformer`: RMSNorm, rotary embeddings, grouped-
+query attention through `scaled_dot_product_attention`, SwiGLU MLP), `load_model` / `save_model`
+for a folder of `config.json` + `*.safetensors` shards, and KV-cache `generate`.
+
+What is not: LoRA (`lora.py`), 4-bit weights (`quant.py`, reached through `load_model(quantize=)`),
+tokenisation (`data.py`), training (`train.py`). Parameter names are exactly Hugging Face's, so a
+checkpoint loads with no renaming and a saved folder loads in `transformers`.
+
+    from model import load_model, generate
+    model = load_model("path/to/Mistral-7B-v0.1", device="cuda", dtype="bfloat16")
+    new_tokens = generate(model, [prompt_ids], max_new_tokens=20)
+"""
+import json
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A checkpoint folder, config or tensor that cannot be used; the message names which."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    name: str = "custom"
+    arch: str = "llama"               # "llama" or "mistral" (the two decoders differ only in config)
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None     # grouped-query attention when < n_heads; None: = n_heads
+    head_dim: int | None = None       # None: hidden_size // n_heads
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # Mistral v0.1: each token sees itself and the 4095 before it
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"     # the dtype the weights are stored in
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.n_heads
+        if self.arch not in ("llama", "mistral"):
+            raise ModelError(f"unsupported architecture {self.arch!r}: only Llama and Mistral decoders")
+        if self.n_heads % self.n_kv_heads:
+            raise ModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name):
+        if name not in PRESETS:
+            raise ModelError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, d, name="custom"):
+        """Read a Hugging Face `config.json` dict, old style (top-level `rope_theta`, `torch_dtype`)
+        or new (`rope_parameters`, `dtype`)."""
+        archs = d.get("architectures") or []
+        arch = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}.get(archs[0] if archs else None)
+        if arch is None:
+            arch = {"llama": "llama", "mistral": "mistral"}.get(d.get("model_type"))
+        if arch is None:
+            raise ModelError(f"unsupported architecture {archs[0] if archs else d.get('model_type')!r}: "
+                             "only LlamaForCausalLM and MistralForCausalLM decoders are supported")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ModelError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if d.get(key, ok) != ok:
+                raise ModelError(f"unsupported {key}={d[key]!r} (expected {ok!r})")
+        return cls(
+            name=name, arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"), rope_theta=float(d.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+            norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 4096),
+            sliding_window=d.get("sliding_window") if arch == "mistral" else None,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
+            pad_token_id=d.get("pad_token_id"), torch_dtype=d.get("dtype") or d.get("torch_dtype") or "float32")
+
+    def to_hf(self):
+        """The `config.json` dict that `transformers` reads back into the same model."""
+        d = {"architectures": ["MistralForCausalLM" if self.arch == "mistral" else "LlamaForCausalLM"],
+             "model_type": self.arch, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
+             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+             "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.norm_eps,
+             "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+             "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+             "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+             "torch_dtype": self.torch_dtype, "attention_bias": False, "mlp_bias": False}
+        if self.arch == "mistral":
+            d["sliding_window"] = self.sliding_window
+        return d
+
+
+PRESETS = {
+    "tiny": Config(name="tiny", arch="mistral", vocab_size=256, hidden_size=64, intermediate_size=128,
+                   n_layers=2, n_heads=4, n_kv_heads=2, max_position_embeddings=512, sliding_window=None,
+                   torch_dtype="float32"),
+    "llama-2-7b": Config(name="llama-2-7b", arch="llama", torch_dtype="float16"),
+    "mistral-7b-v0.1": Config(name="mistral-7b-v0.1", arch="mistral", intermediate_size=14336, n_kv_heads=8,
+                              max_position_embeddings=32768, sliding_window=4096),
+    "mistral-7b-v0.3": Config(name="mistral-7b-v0.3", arch="mistral", vocab_size=32768, intermediate_size=14336,
+                              n_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768),
+}
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # fp32 island
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
+
+
+def rope_tables(positions, head_dim, theta):
+    """cos and sin for each position, in fp32: (B, T) positions -> two (B, 1, T, head_dim) tables.
+    Half-rotation layout (the one HF checkpoints are stored for): frequency i sits at i and i + head_dim/2."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq    # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, H, T, head_dim) by the tables; pairs are (x[i], x[i + head_dim/2])."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                            # (B, KV, S, hd)
+        if self.n_kv_heads != self.n_heads:  # grouped-query: each KV head serves n_heads/n_kv_heads queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)              # (B, H, S, hd)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))  # the residual stream after this block
+
+
+class Decoder(nn.Module):
+    """Holds the embedding, blocks and final norm under HF's `model.` prefix."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def forward(self, tokens, *, logits_at=None, attention_mask=None, cache=None):
+        """tokens (B, T) -> logits.
+
+        logits_at picks where the LM head runs: None, every position -> (B, T, V); a LongTensor (B,),
+        one position per row -> (B, V); a BoolTensor (B, T) -> (N, V) for its True positions in
+        row-major order. attention_mask (B, T), 1 for real tokens, is needed only with left padding.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        if cache is not None:
+            attention_mask = cache.extend_mask(attention_mask, T)                  # (B, S)
+        if attention_mask is not None:  # left padding: count positions from each row's first real token
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+        else:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        mask = self._mask(attention_mask, start, T, tokens.device)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+
+        x = self.model.embed_tokens(tokens)                                        # (B, T, D)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+
+        if logits_at is not None and logits_at.dtype == torch.bool:
+            x = x[logits_at]                                                       # (N, D)
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]                     # (B, D)
+        return self.lm_head(self.model.norm(x))
+
+    def _mask(self, key_mask, start, T, device):
+        """The boolean attention mask (B, 1, T, S), or None when plain causal attention is exact."""
+        S = start + T
+        window = self.config.sliding_window
+        if key_mask is None and start == 0 and (window is None or T <= window):
+            return None
+        q = torch.arange(start, S, device=device)[:, None]                        # (T, 1)
+        k = torch.arange(S, device=device)[None, :]                                # (1, S)
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        allowed = allowed[None, None]                                              # (1, 1, T, S)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :S]
+            allowed = allowed | (k == q)  # a padding query sees itself, so its softmax stays finite
+        return allowed
+
+    def n_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
+def _weight_files(path):
+    """The safetensors shards of a checkpoint folder, in order, each with the keys it should hold."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            weight_map = json.load(open(index))["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {}
+        for key, shard in weight_map.items():
+            files.setdefault(os.path.join(path, shard), []).append(key)
+        for f in files:
+            if not os.path.exists(f):
+                raise ModelError(f"{f}: shard named in {os.path.basename(index)} is missing")
+        return files
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors weights (only safetensors checkpoints are read)")
+    return {f: None for f in files}
+
+
+def load_config(path):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ModelError(f"{path}: not a checkpoint folder (does not exist or is not a directory)")
+    if not os.path.exists(cfg_path):
+        raise ModelError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+    try:
+        d = json.load(open(cfg_path))
+    except ValueError as e:
+        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    try:
+        return Config.from_hf(d, name=os.path.basename(os.path.normpath(path)))
+    except KeyError as e:
+        raise ModelError(f"{cfg_path}: missing field {e}") from None
+
+
+def load_model(path, device="cpu", dtype=None, quantize=None):
+    """Load a Hugging Face-format Llama/Mistral folder. The model is built on the meta device and
+    each tensor is streamed from its shard, cast (or quantised to NF4), and assigned: the weights
+    are never held twice. dtype defaults to float32 on CPU and bfloat16 elsewhere."""
+    from safetensors import SafetensorError, safe_open
+
+    config = load_config(path)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
+    if quantize not in (None, "nf4"):
+        raise ModelError(f"unknown quantize={quantize!r}; the only choice is 'nf4'")
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    quantized = {}
+    state = {}
+    for file, keys in _weight_files(path).items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key not in expected:
+                        if config.tie_word_embeddings and key == "lm_head.weight":
+                            continue
+                        raise ModelError(f"{file}: unexpected tensor {key!r} for a {config.arch} model")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(expected[key]):
+                        raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {tuple(expected[key])}")
+                    t = f.get_tensor(key).to(device=device, dtype=dtype)
+                    if quantize and key.endswith("_proj.weight"):
+                        from quant import NF4Linear
+                        module = key[: -len(".weight")]
+                        model.set_submodule(module, NF4Linear.from_weight(t, compute_dtype=dtype))
+                        quantized[key] = True
+                    else:
+                        state[key] = t
+                if keys is not None and (gone := set(keys) - set(f.keys())):
+                    raise ModelError(f"{file}: lacks tensor {sorted(gone)[0]!r} that the index places there")
+        except SafetensorError as e:
+            raise ModelError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
+    missing = sorted(set(expected) - set(state) - set(quantized))
+    if missing:
+        raise ModelError(f"{path}: checkpoint lacks tensor {missing[0]!r}" +
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _shard_bytes(size):
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if size.upper().endswith(unit):
+            return int(float(size[: -len(unit)]) * mult)
+    return int(size)
+
+
+def save_model(model, path, max_shard_size="2GB"):
+    """Write `config.json` and safetensors shards (plus the index when there are several) that
+    `transformers` and `load_model` both read. LoRA must be merged first (`lora.merge_lora`)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if any(".lora_" in k or ".base_layer." in k or k.endswith((".codes", ".absmax")) for k in state):
+        raise ModelError("save_model needs plain weights: merge LoRA (lora.merge_lora) before saving")
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    os.makedirs(path, exist_ok=True)
+    limit = _shard_bytes(max_shard_size)
+    shards, current, size = [], {}, 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        _atomic(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: json.dump(index, open(tmp, "w"), indent=2))
+    dtype_name = {v: k for k, v in DTYPES.items() if k in ("float32", "bfloat16", "float16")}
+    cfg = replace(model.config, torch_dtype=dtype_name.get(next(iter(state.values())).dtype, "float32"))
+    _atomic(os.path.join(path, "config.json"), lambda tmp: json.dump(cfg.to_hf(), open(tmp, "w"), indent=2))
+
+
+def _atomic(path, write):
+    """Write through a temporary name and rename, so a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- generation
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to `max_len` positions.
+    `mask` (B, max_len) remembers which cached positions are real tokens (False: left padding)."""
+
+    def __init__(self, model, batch_size, max_len, device=None, dtype=None):
+        c = model.config
+        p = next(model.parameters())
+        device, dtype = device or p.device, dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        shape = (c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Store (B, KV, T, hd) keys/values at the current position; return all so far (B, KV, S, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def extend_mask(self, new_mask, T):
+        if new_mask is not None:
+            self.mask[:, self.length:self.length + T] = new_mask
+        return self.mask[:, :self.length + T]
+
+
+def _sample(logits, temperature, top_p, generator):
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, seed=None):
+    """Continue each prompt (a list of token ids); prompts may differ in length (they are left-padded).
+    Greedy when temperature is 0. Returns the new tokens of each prompt, up to and without EOS."""
+    eos_id = model.config.eos_token_id if eos_id is None else eos_id
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+    mask = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, device=device)
+        mask[i, P - len(p):] = True
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = KVCache(model, B, P + max_new_tokens)
+    last = torch.full((B,), P - 1, device=device)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(tokens, logits_at=last, attention_mask=mask, cache=cache)       # (B, V)
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_p, generator)                        # (B,)
+        for i in range(B):
+            if not done[i] and nxt[i].item() != eos_id:
+                out[i].append(nxt[i].item())
+        done |= nxt == eos_id
+        if done.all():
+            break
+        step_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
+        logits = model(nxt[:, None], logits_at=torch.zeros(B, dtype=torch.long, device=device),
+                       attention_mask=step_mask, cache=cache)
+    return out
