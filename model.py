@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -287,7 +287,8 @@ def _weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
-            weight_map = json.load(open(index))["weight_map"]
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
         except (ValueError, KeyError) as e:
             raise ModelError(f"{index}: not a valid safetensors index ({e})") from None
         files = {}
@@ -310,7 +311,8 @@ def load_config(path):
     if not os.path.exists(cfg_path):
         raise ModelError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
     try:
-        d = json.load(open(cfg_path))
+        with open(cfg_path) as f:
+            d = json.load(f)
     except ValueError as e:
         raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
     try:
@@ -411,10 +413,15 @@ def save_model(model, path, max_shard_size="2GB"):
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: json.dump(index, open(tmp, "w"), indent=2))
+        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _dump_json(index, tmp))
     dtype_name = {v: k for k, v in DTYPES.items() if k in ("float32", "bfloat16", "float16")}
     cfg = replace(model.config, torch_dtype=dtype_name.get(next(iter(state.values())).dtype, "float32"))
-    _atomic(os.path.join(path, "config.json"), lambda tmp: json.dump(cfg.to_hf(), open(tmp, "w"), indent=2))
+    _atomic(os.path.join(path, "config.json"), lambda tmp: _dump_json(cfg.to_hf(), tmp))
+
+
+def _dump_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def _atomic(path, write):
