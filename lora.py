@@ -10,13 +10,14 @@ Adapters are written in PEFT's on-disk layout (`adapter_model.safetensors` with 
 adapters per model, DoRA, trainable biases, per-module rank/alpha patterns, LoRA on embeddings,
 fan_in_fan_out (GPT-2 Conv1D) layers. Adapters that use them are refused, not half-loaded.
 
-Usage:
-    model = load_model("mistral-7b")                       # model.py
-    n = add_lora(model, rank=16, alpha=32)                 # wraps q/k/v/o/gate/up/down, freezes the rest
+Usage (train.py does the first three steps for you):
+    from model import load_model, save_model
+    model = load_model("ckpt/Mistral-7B-v0.1")
+    n = add_lora(model, rank=16, alpha=32)             # wraps q/k/v/o/gate/up/down, freezes the rest
     ... train ...
     save_adapter(model, "runs/x/adapter", base_model_name="mistralai/Mistral-7B-v0.1")
-    load_adapter(load_model("mistral-7b"), "runs/x/adapter")   # or an adapter trained with PEFT
-    save_model(merge_lora(model), "merged/")                # a standalone checkpoint
+    load_adapter(load_model("ckpt/Mistral-7B-v0.1"), "runs/x/adapter")  # or an adapter from PEFT
+    save_model(merge_lora(model), "merged/")           # a standalone checkpoint
 """
 import json
 import math
@@ -34,7 +35,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model inside a 
 
 
 class AdapterError(ValueError):
-    """A LoRA request or adapter file that does not fit the model; the message names the tensor or file."""
+    """A LoRA request or adapter file that does not fit the model; the message names tensor or file."""
 
 
 class LoRALinear(nn.Module):
@@ -145,8 +146,8 @@ def add_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, rslora=Fal
     for name in linears:
         if _matches(name, targets):
             base = model.get_submodule(name)
-            layer = LoRALinear(base, rank, alpha, dropout, rslora).train(base.training)  # eval model: no dropout
-            _set_module(model, name, layer)
+            layer = LoRALinear(base, rank, alpha, dropout, rslora)
+            _set_module(model, name, layer.train(base.training))  # in an eval() model: no dropout
     model.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -172,7 +173,7 @@ def merge_lora(model):
 
 
 def lora_state_dict(model):
-    """The LoRA tensors only, under the model's own names: {'model.layers.0.self_attn.q_proj.lora_A.weight': ...}."""
+    """The LoRA tensors only, under the model's names: {'model.layers.0.mlp.up_proj.lora_A.weight': ...}."""
     return {f"{name}.{ab}.weight": getattr(layer, ab).weight.detach()
             for name, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
@@ -183,7 +184,7 @@ def save_adapter(model, path, base_model_name=None):
     if cfg is None:
         raise AdapterError("model has no LoRA layers to save (add_lora or load_adapter first)")
     os.makedirs(path, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v.float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
@@ -237,7 +238,9 @@ def load_adapter(model, path):
     """Load a PEFT-format LoRA adapter folder into `model`, adding LoRA layers if it has none.
 
     Every tensor must land on a LoRA layer with the same shape, and every LoRA layer must get
-    both of its tensors; otherwise AdapterError names the tensor. Returns the model.
+    both of its tensors; otherwise AdapterError names the tensor, before any weight is copied
+    (LoRA layers it added stay, with B == 0). The file's alpha and rsLoRA flag set the scaling.
+    Returns the model.
     """
     cfg, tensors, weights_file = _read_adapter(path)
     rank, alpha, rslora = cfg["r"], cfg["lora_alpha"], cfg.get("use_rslora", False)
@@ -249,9 +252,10 @@ def load_adapter(model, path):
     params = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
     for key in sorted(tensors):
         if key not in params:
-            raise AdapterError(f"{weights_file}: unexpected tensor {key} (no such LoRA weight in the model)")
+            raise AdapterError(f"{weights_file}: unexpected tensor {key} (no such LoRA weight here)")
         shape, need = tuple(tensors[key].shape), tuple(params[key].shape)
-        if shape != need or need[0 if key.endswith("lora_A.weight") else 1] != rank:  # A (r, in), B (out, r)
+        r_dim = 0 if key.endswith("lora_A.weight") else 1  # A is (r, in), B is (out, r)
+        if shape != need or need[r_dim] != rank:
             raise AdapterError(f"{weights_file}: tensor {key} has shape {shape}, the model needs {need} "
                                f"(adapter_config.json r={rank})")
     for key in params:

@@ -13,6 +13,7 @@ import lora
 import model as M
 from lora import AdapterError, LoRALinear, add_lora, load_adapter, lora_state_dict, merge_lora, save_adapter
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -55,20 +56,21 @@ def logits(model):
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
-def peft_adapter(tmp_path, rslora=False, r=4, alpha=8):
+def peft_adapter(tmp_path, rslora=False, targets=SEVEN):
     pm = peft.get_peft_model(hf_tiny(), peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=SEVEN, use_rslora=rslora, task_type="CAUSAL_LM"))
+        r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets, use_rslora=rslora, task_type="CAUSAL_LM"))
     randomize(pm)
     pm.eval()
     pm.save_pretrained(str(tmp_path / "peft"))
     return pm, str(tmp_path / "peft")
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_peft_adapter_loads_into_ours(ckpt, tmp_path, rslora):
-    pm, path = peft_adapter(tmp_path, rslora)
+@pytest.mark.parametrize("rslora,targets,n_wrapped", [(False, SEVEN, 14), (True, SEVEN, 14),
+                                                      (False, r".*\.(q_proj|down_proj)", 4), (False, "all-linear", 14)])
+def test_peft_adapter_loads_into_ours(ckpt, tmp_path, rslora, targets, n_wrapped):
+    pm, path = peft_adapter(tmp_path, rslora, targets)
     m = load_adapter(ours(ckpt), path)
-    assert len(lora.lora_layers(m)) == 2 * 7
+    assert len(lora.lora_layers(m)) == n_wrapped
     assert m.lora_config["rslora"] == rslora and m.lora_config["rank"] == 4
     torch.testing.assert_close(logits(m), logits(pm), atol=1e-4, rtol=0)
     assert (logits(m) - logits(hf_tiny())).abs().max() > 1e-3  # the adapter really does something
@@ -86,8 +88,13 @@ def test_our_adapter_loads_into_peft(ckpt, tmp_path, rslora):
     assert (cfg.r, cfg.lora_alpha, cfg.use_rslora, set(cfg.target_modules)) == (4, 8, rslora, set(SEVEN))
     assert cfg.base_model_name_or_path == ckpt
     torch.testing.assert_close(logits(pm), logits(m), atol=1e-4, rtol=0)
-    # and our own round trip, into a model without LoRA
+    # our own round trip, into a model without LoRA and (as when train.py resumes) one that has it
     torch.testing.assert_close(logits(load_adapter(ours(ckpt), str(tmp_path / "ours"))), logits(m), atol=0, rtol=0)
+    again = ours(ckpt)
+    add_lora(again, rank=4, alpha=32, dropout=0.0)
+    load_adapter(again, str(tmp_path / "ours"))
+    assert again.lora_config["alpha"] == 8 and again.model.layers[1].mlp.up_proj.scaling == 8 / (4 ** 0.5 if rslora else 4)
+    torch.testing.assert_close(logits(again), logits(m), atol=0, rtol=0)
 
 
 def test_merge_keeps_logits_and_leaves_no_lora(ckpt):
