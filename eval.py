@@ -1,9 +1,514 @@
-"""Scoring and metrics (work in progress: see the eval issue)."""
+"""Score rating classifiers, and compare fine-tuning variants across the dataset-task settings.
+
+Scoring reads each example's distribution over the ratings 1-5 from the logits at its decision
+position (the position whose next token is the rating): one batched forward pass per batch, the LM
+head run at that position only. Runs trained explanation-first are decoded greedily with the KV cache
+instead, and the rating is parsed from what they write; an output with no rating counts as wrong (it is
+scored as the rating farthest from gold, with uniform probabilities) and is reported. Every run is
+scored on the same prompts: data.build_examples makes the prompt independent of the variant.
+
+Metrics, overall and per (dataset, axis): accuracy, macro-F1, quadratic weighted kappa, mean absolute
+error, negative log-likelihood, expected calibration error (10 equal-width bins of the top rating's
+probability) and the multi-class Brier score.
+
+`compare` groups runs by variant and seed. Rows are the (dataset, axis) settings, columns the
+variants, cells mean +- std of accuracy over seeds; then, per variant, the settings where it beats
+label-only, the share of the label -> explanation gap it closes, a paired bootstrap 95% interval of its
+accuracy difference from label-only over the same test items, and an exact sign test across settings.
+Left out: corrections for testing several variants, bootstrap over seeds (an item's correctness is
+first averaged over a variant's seeds), training (train.py).
+
+    python eval.py --run runs/expl-s0 [--split test] [--checkpoint best]
+    python eval.py --model DIR [--adapter DIR] --data test.jsonl [--out DIR]   # no adapter: zero-shot
+    python eval.py compare runs/grid/* [--out DIR]
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
 import torch
 
+import data
+import lora
+from model import ModelError, generate, load_model
+
+METRICS = ("accuracy", "macro_f1", "qwk", "mae", "nll", "ece", "brier")
+LOWER_IS_BETTER = {"mae", "nll", "ece", "brier"}
+N_BINS = 10  # calibration bins
+
+
+class EvalError(ValueError):
+    """Runs, predictions or options that cannot be scored or compared; the message says which."""
+
+
+# ----------------------------------------------------------------------------- metrics (numpy)
+# gold and pred are integer arrays of ratings 1..5; probs is (N, 5), row i the distribution of item i.
+
+def accuracy(gold, pred):
+    return float(np.mean(gold == pred))
+
+
+def macro_f1(gold, pred):
+    """Mean F1 over the ratings that occur in gold or pred (scikit-learn's convention)."""
+    f1 = [2 * np.sum((gold == c) & (pred == c)) / (np.sum(gold == c) + np.sum(pred == c))
+          for c in np.union1d(gold, pred)]
+    return float(np.mean(f1))
+
+
+def qwk(gold, pred, k=5):
+    """Quadratic weighted kappa, 1 - sum(W * O) / sum(W * E): O the confusion counts, E the counts
+    expected from the two marginals, W_ij = (i - j)^2 / (k - 1)^2. When gold and pred both use one
+    and the same rating the ratio is 0/0; the agreement is then perfect and we return 1."""
+    observed = np.zeros((k, k))
+    np.add.at(observed, (gold - 1, pred - 1), 1)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    weights = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2 / (k - 1) ** 2
+    chance = (weights * expected).sum()
+    return 1.0 if chance == 0 else float(1 - (weights * observed).sum() / chance)
+
+
+def mae(gold, pred):
+    return float(np.mean(np.abs(gold - pred)))
+
+
+def nll(probs, gold):
+    p = probs[np.arange(len(gold)), gold - 1]
+    return float(-np.mean(np.log(np.clip(p, 1e-12, None))))
+
+
+def reliability(probs, gold, n_bins=N_BINS):
+    """Per bin of the top rating's probability ([0, 0.1), ..., [0.9, 1]): (mean confidence,
+    accuracy, count); empty bins are (nan, nan, 0)."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) + 1 == gold
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        sel = bins == b
+        rows.append((float(conf[sel].mean()), float(correct[sel].mean()), int(sel.sum())) if sel.any()
+                    else (float("nan"), float("nan"), 0))
+    return rows
+
+
+def ece(probs, gold, n_bins=N_BINS):
+    """Expected calibration error: sum over bins of |accuracy - confidence| weighted by the bin's share."""
+    return float(sum(n / len(gold) * abs(acc - conf) for conf, acc, n in reliability(probs, gold, n_bins) if n))
+
+
+def brier(probs, gold):
+    """Multi-class Brier score: mean squared distance to the one-hot gold rating (0 best, 2 worst)."""
+    onehot = np.eye(probs.shape[1])[gold - 1]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def all_metrics(gold, pred, probs):
+    gold, pred, probs = np.asarray(gold), np.asarray(pred), np.asarray(probs, dtype=np.float64)
+    return {"accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred), "qwk": qwk(gold, pred),
+            "mae": mae(gold, pred), "nll": nll(probs, gold), "ece": ece(probs, gold),
+            "brier": brier(probs, gold), "n": int(len(gold))}
+
+
+def metrics_by_setting(rows):
+    """rows: prediction dicts -> {"overall": metrics, "settings": {"dataset/axis": metrics}}."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(f"{r['dataset']}/{r['axis']}", []).append(r)
+
+    def score(rs):
+        gold = np.array([r["gold"] for r in rs])
+        pred = np.array([r["predicted"] or _worst(r["gold"]) for r in rs])  # no rating: counted wrong
+        return all_metrics(gold, pred, [r["probs"] for r in rs])
+    return {"overall": score(rows), "settings": {k: score(groups[k]) for k in sorted(groups)}}
+
+
+def _worst(gold):
+    return 5 if gold <= 3 else 1
+
+
+# ----------------------------------------------------------------------------- scoring
 
 def rating_logits(model, batch, rating_ids):
     """The logits of the five rating tokens at each example's decision position: (B, 5), fp32.
     One forward pass; the LM head runs at the decision position only."""
     logits = model(batch["input_ids"], logits_at=batch["decision_pos"])       # (B, V)
     return logits.float()[:, torch.as_tensor(rating_ids, device=logits.device)]
+
+
+def _rating_probs(model, seqs, rating_ids, device):
+    """Distribution over the ratings after each token sequence: (B, 5) float64. Right padding needs
+    no mask (attention is causal), so the pad id does not matter."""
+    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)        # (B, T)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    last = torch.tensor([len(s) - 1 for s in seqs])                              # (B,)
+    batch = {"input_ids": tokens.to(device), "decision_pos": last.to(device)}
+    return torch.softmax(rating_logits(model, batch, rating_ids), -1).double().cpu().numpy()
+
+
+def find_rating(new_tokens, tok):
+    """Index of the rating token in a generated explanation-first answer ('... explanation.\nRating:
+    4</s>', as data.build_examples writes it): the token after the last '\nRating:' and the pieces
+    every rating starts with ('▁' for Mistral). None when that token is not one of the five."""
+    cue = tok.continuation("\nRating:") + tok.encode("1")[:-1]
+    for j in range(len(new_tokens) - len(cue) - 1, -1, -1):
+        if new_tokens[j:j + len(cue)] == cue:
+            k = j + len(cue)
+            return k if new_tokens[k] in data.rating_token_ids(tok) else None
+    return None
+
+
+@torch.no_grad()
+def score_examples(model, examples, tok, batch_size=16, device=None, order="rating_first", max_new_tokens=160):
+    """Each example's distribution over the ratings 1..5 and its predicted rating (0: none found).
+    Returns (probs (N, 5) float64, pred (N,) int), in the order of `examples`.
+
+    rating_first: the input is cut right after the decision position (the rating itself is not fed)
+    and the logits there are read. explain_first: greedy generation from the prompt; the distribution
+    is the one at the position that produced the rating."""
+    device = device or next(model.parameters()).device
+    rating_ids = data.rating_token_ids(tok)
+    probs, pred = np.full((len(examples), 5), 0.2), np.zeros(len(examples), dtype=int)
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+    for start in range(0, len(examples), batch_size):
+        idx = by_length[start:start + batch_size]
+        if order == "rating_first":
+            seqs = [examples[i].input_ids[:examples[i].decision_pos + 1] for i in idx]
+        else:
+            prompts = [examples[i].input_ids[:examples[i].n_prompt] for i in idx]
+            outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+            found = [(i, p + out[:j], rating_ids.index(out[j]) + 1) for i, p, out in zip(idx, prompts, outs)
+                     if (j := find_rating(out, tok)) is not None]
+            if not found:
+                continue
+            idx, seqs, parsed = zip(*found)
+            pred[list(idx)] = parsed
+        p = _rating_probs(model, seqs, rating_ids, device)
+        probs[list(idx)] = p
+        if order == "rating_first":
+            pred[idx] = p.argmax(1) + 1
+    return probs, pred
+
+
+def split_records(path, split="test", axes="", datasets="", skip_bad=False):
+    """The records of one split ("all": every record), kept to the comma-separated axes and datasets."""
+    keep_axes, keep_sets = set(filter(None, axes.split(","))), set(filter(None, datasets.split(",")))
+    records = [r for r in data.load_records(path, skip_bad=skip_bad)
+               if (split == "all" or data.split_of(r["id"]) == split)
+               and (not keep_axes or r["axis"] in keep_axes) and (not keep_sets or r["dataset"] in keep_sets)]
+    if not records:
+        raise EvalError(f"{path}: no records in the {split!r} split (after the axis and dataset filters)")
+    return records
+
+
+def load_scorer(model_dir, adapter=None, device="auto", quantize=None):
+    """(model in eval mode, tokenizer, device): a base checkpoint, with a LoRA adapter when given."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model = load_model(model_dir, device=device, quantize=quantize or None)
+    if adapter:
+        lora.load_adapter(model, adapter)
+    return model.eval(), data.Tokenizer(model_dir), device
+
+
+def evaluate(model, tok, records, device, batch_size=16, order="rating_first", **build):
+    """Score records (build: template, max_len) -> (prediction rows, metrics). The prompt is the same
+    in every variant (data.build_examples makes sure of it, truncation included), so the label
+    variant's serves; explanation-first prompts end in 'Explanation:', so they are taken from the
+    explanation variant, and the records need explanations."""
+    variant = "explanation" if order == "explain_first" else "label"
+    examples = data.build_examples(records, tok, variant=variant, order=order, **build)
+    t0 = time.perf_counter()
+    probs, pred = score_examples(model, examples, tok, batch_size, device, order=order)
+    seconds = time.perf_counter() - t0
+    rows = [{"id": e.id, "dataset": e.dataset, "axis": e.axis, "gold": e.label, "predicted": int(k) or None,
+             "probs": p.tolist()} for e, p, k in zip(examples, probs, pred)]
+    metrics = metrics_by_setting(rows)
+    metrics.update(unparsed=int(np.sum(pred == 0)), order=order, examples_per_s=len(rows) / seconds)
+    return rows, metrics
+
+
+def write_results(out_dir, rows, metrics):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def read_run_config(run_dir):
+    path = os.path.join(run_dir, "train_config.json")
+    if not os.path.exists(path):
+        raise EvalError(f"{run_dir}: not a run folder (no train_config.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
+    """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
+    metrics.json into run_dir/eval-<split>/ and return the metrics. A run trained without a
+    validation split has no best/: its last/ is used."""
+    cfg = read_run_config(run_dir)
+    if cfg.get("full"):
+        raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
+                        f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
+    ckpt = os.path.join(run_dir, checkpoint)
+    if checkpoint == "best" and not os.path.isdir(ckpt):
+        ckpt = os.path.join(run_dir, "last")
+    if not os.path.isdir(ckpt):
+        raise EvalError(f"{ckpt}: no such checkpoint (is the run finished?)")
+    model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize)
+    records = split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"])
+    rows, metrics = evaluate(model, tok, records, device, batch_size, order=cfg["order"],
+                             template=cfg["template"], max_len=cfg["max_len"])
+    metrics.update(run=run_dir, checkpoint=ckpt, split=split, variant=cfg["variant"], seed=cfg["seed"])
+    write_results(os.path.join(run_dir, f"eval-{split}"), rows, metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+def load_grid(runs, split="test"):
+    """{variant: {seed: (run_dir, prediction rows sorted by item)}}. Runs not yet scored are scored
+    first. Runs scored on different items (or gold labels) are refused, never mixed."""
+    grid, ref = {}, None
+    for run in runs:
+        cfg = read_run_config(run)
+        path = os.path.join(run, f"eval-{split}", "predictions.jsonl")
+        if not os.path.exists(path):
+            print(f"scoring {run} on the {split} split")
+            score_run(run, split)
+        with open(path) as f:
+            rows = sorted((json.loads(line) for line in f), key=lambda r: (r["dataset"], r["id"], r["axis"]))
+        items = [(r["dataset"], r["id"], r["axis"], r["gold"]) for r in rows]
+        if ref is None:
+            ref = (run, items)
+        elif items != ref[1]:
+            raise EvalError(f"{run} was scored on different test items than {ref[0]} ({len(items)} vs "
+                            f"{len(ref[1])} items, {len(set(items) ^ set(ref[1]))} not in both); "
+                            "compare only runs scored on the same split of the same data")
+        seeds = grid.setdefault(cfg["variant"], {})
+        if cfg["seed"] in seeds:
+            raise EvalError(f"{run} and {seeds[cfg['seed']][0]} are both variant {cfg['variant']}, seed {cfg['seed']}")
+        seeds[cfg["seed"]] = (run, rows)
+    if not grid:
+        raise EvalError("no runs to compare")
+    return grid
+
+
+def paired_bootstrap(diff, n_boot=2000, seed=0):
+    """95% percentile interval of mean(diff) when the items are resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    means = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def sign_test(wins, losses):
+    """Two-sided exact binomial test of wins vs losses under p = 1/2 (ties are left out)."""
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _mean_std(values):
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def compare(runs, out=None, split="test", n_boot=2000, seed=0):
+    """Compare runs across variants and seeds; writes compare.md, .csv, .json (and .png with
+    matplotlib) into `out` and returns the summary dict."""
+    grid = load_grid(runs, split)
+    variants = sorted(grid, key=lambda v: (data.VARIANTS.index(v) if v in data.VARIANTS else 99, v))
+    scores = {v: [metrics_by_setting(rows) for _, rows in grid[v].values()] for v in variants}
+    settings = list(scores[variants[0]][0]["settings"]) + ["overall"]
+
+    def pick(m, setting):
+        return m["overall"] if setting == "overall" else m["settings"][setting]
+    table = {s: {v: {k: _mean_std([pick(m, s)[k] for m in scores[v]]) for k in METRICS} for v in variants}
+             for s in settings}
+
+    versus = {}
+    if "label" in grid:
+        def correct(v):  # (N,) per item, averaged over the variant's seeds
+            return np.mean([[r["predicted"] == r["gold"] for r in rows] for _, rows in grid[v].values()], axis=0)
+        acc = {v: table["overall"][v]["accuracy"]["mean"] for v in variants}
+        gap = acc.get("explanation", acc["label"]) - acc["label"]
+        for v in [v for v in variants if v != "label"]:
+            diffs = [table[s][v]["accuracy"]["mean"] - table[s]["label"]["accuracy"]["mean"] for s in settings[:-1]]
+            wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            versus[v] = {"wins": wins, "losses": losses, "settings": len(diffs),
+                         "gap_closed": (acc[v] - acc["label"]) / gap if gap else None,
+                         "accuracy_diff": acc[v] - acc["label"],
+                         "ci95": paired_bootstrap(correct(v) - correct("label"), n_boot, seed),
+                         "sign_p": sign_test(wins, losses), "per_setting": dict(zip(settings[:-1], diffs))}
+
+    calibration = {}
+    for v in variants:
+        pooled = [r for _, rows in grid[v].values() for r in rows]
+        calibration[v] = reliability(np.array([r["probs"] for r in pooled]), np.array([r["gold"] for r in pooled]))
+    summary = {"split": split, "runs": {v: {str(s): run for s, (run, _) in grid[v].items()} for v in variants},
+               "table": table, "versus_label": versus, "reliability": calibration}
+    out = out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in runs]), "compare")
+    write_comparison(out, summary, variants, settings)
+    return summary
+
+
+def markdown(summary, variants, settings):
+    table, versus = summary["table"], summary["versus_label"]
+    n_seeds = {v: len(summary["runs"][v]) for v in variants}
+
+    def cell(s, v, k="accuracy"):
+        x = table[s][v][k]
+        return f"{x['mean']:.3f} ± {x['std']:.3f}" if n_seeds[v] > 1 else f"{x['mean']:.3f}"
+
+    def row(*cells):
+        return "| " + " | ".join(cells) + " |"
+    lines = [f"# Accuracy on the {summary['split']} split, mean ± std over seeds", "",
+             row("dataset", "axis", *(f"{v} ({n_seeds[v]} seeds)" for v in variants)),
+             row(*["---"] * (2 + len(variants)))]
+    lines += [row(*(s.split("/") if s != "overall" else ["**overall**", ""]), *(cell(s, v) for v in variants))
+              for s in settings]
+    if versus:
+        lines += ["", "## Against label-only", "",
+                  row("variant", "settings won", "gap closed", "accuracy diff [95% CI]", "sign test p"),
+                  row(*["---"] * 5)]
+        for v, x in versus.items():
+            gap = f"{x['gap_closed']:.0%}" if x["gap_closed"] is not None else "n/a"
+            lines.append(row(v, f"{x['wins']}/{x['settings']}", gap,
+                             f"{x['accuracy_diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]", f"{x['sign_p']:.3g}"))
+        lines += ["", "## Per-setting accuracy difference from label-only", "",
+                  row("setting", *versus), row(*["---"] * (1 + len(versus)))]
+        lines += [row(s, *(f"{x['per_setting'][s]:+.3f}" for x in versus.values())) for s in settings[:-1]]
+    lines += ["", "## All metrics, overall", "", row("variant", *METRICS), row(*["---"] * (1 + len(METRICS)))]
+    lines += [row(v, *(cell("overall", v, k) for k in METRICS)) for v in variants]
+    lines += ["", f"## Reliability: top-rating confidence vs accuracy in {N_BINS} bins, seeds pooled", "",
+              row("confidence", *variants), row(*["---"] * (1 + len(variants)))]
+    for b in range(N_BINS):
+        cells = [f"{c:.2f} / {a:.2f} (n={n})" if n else "-" for c, a, n in (summary["reliability"][v][b] for v in variants)]
+        lines.append(row(f"[{b / N_BINS:.1f}, {(b + 1) / N_BINS:.1f})", *cells))
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(out, summary, variants, settings):
+    os.makedirs(out, exist_ok=True)
+    text = markdown(summary, variants, settings)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "compare.csv"), "w") as f:
+        f.write("setting,variant,metric,mean,std,n_seeds\n")
+        f.writelines(f"{s},{v},{k},{x['mean']:.6f},{x['std']:.6f},{len(x['values'])}\n"
+                     for s in settings for v in variants for k, x in summary["table"][s][v].items())
+    print(text)
+    print(f"wrote {out}/compare.md, .csv, .json" + (", reliability.png, differences.png"
+                                                     if plot(out, summary, variants, settings) else
+                                                     " (pip install matplotlib for the pictures)"))
+
+
+def plot(out, summary, variants, settings):
+    """reliability.png (one diagram per variant) and differences.png; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(variants), figsize=(3 * len(variants), 3.2), squeeze=False)
+    centers = (np.arange(N_BINS) + 0.5) / N_BINS
+    for ax, v in zip(axes[0], variants):
+        acc = [a if n else 0.0 for _, a, n in summary["reliability"][v]]
+        ax.bar(centers, acc, width=1 / N_BINS, edgecolor="black", alpha=0.7)
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(title=v, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+    axes[0][0].set_ylabel("accuracy")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "reliability.png"), dpi=120)
+    plt.close(fig)
+    versus = summary["versus_label"]
+    if versus:
+        x, width = np.arange(len(settings) - 1), 0.8 / len(versus)
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(x)), 4))
+        for j, (v, d) in enumerate(versus.items()):
+            ax.bar(x + j * width, list(d["per_setting"].values()), width, label=v)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x + 0.4 - width / 2, settings[:-1], rotation=60, ha="right")
+        ax.set_ylabel("accuracy - label-only")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "differences.png"), dpi=120)
+        plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _print_metrics(m):
+    print(f"{'setting':<32} {'n':>5} " + " ".join(f"{k:>8}" for k in METRICS))
+    for name, x in [*m["settings"].items(), ("overall", m["overall"])]:
+        print(f"{name:<32} {x['n']:>5} " + " ".join(f"{x[k]:>8.3f}" for k in METRICS))
+    print(f"{m['examples_per_s']:.1f} examples/s ({m['order']})" +
+          (f"; {m['unparsed']} outputs without a rating, counted wrong" if m["unparsed"] else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    doc = __doc__.split("\n\n")
+    fmt = argparse.RawDescriptionHelpFormatter
+    try:
+        if argv[:1] == ["compare"]:
+            p = argparse.ArgumentParser("eval.py compare", description=doc[3], formatter_class=fmt)
+            p.add_argument("runs", nargs="+", help="run folders (any variant and seed); others are skipped")
+            p.add_argument("--out", help="output folder (default: <common parent of the runs>/compare)")
+            p.add_argument("--split", default="test", help="the split the runs were scored on")
+            p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+            p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+            a = p.parse_args(argv[1:])
+            runs = [r for r in a.runs if os.path.exists(os.path.join(r, "train_config.json"))]
+            for r in sorted(set(a.runs) - set(runs)):
+                print(f"skipping {r}: not a run folder")
+            compare(runs, a.out, a.split, a.n_boot, a.seed)
+            return
+        p = argparse.ArgumentParser("eval.py", description=doc[0] + "\n\n" + doc[-1], formatter_class=fmt)
+        p.add_argument("--run", help="run folder written by train.py")
+        p.add_argument("--checkpoint", default="best", help="best | last (with --run)")
+        p.add_argument("--model", help="base checkpoint folder (with --data; no --adapter: zero-shot)")
+        p.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
+        p.add_argument("--data", help="records to score (.jsonl/.csv; with --model)")
+        p.add_argument("--split", default="test", help="train | val | test | all")
+        p.add_argument("--order", default="rating_first", choices=data.ORDERS, help="with --model")
+        p.add_argument("--template", default="base", choices=data.TEMPLATES, help="with --model")
+        p.add_argument("--max-len", type=int, default=512, help="prompt length limit, with --model")
+        p.add_argument("--out", help="where --model writes predictions.jsonl and metrics.json")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--quantize", default=None, help="nf4: 4-bit base (default: as the run was trained)")
+        a = p.parse_args(argv)
+        if a.run:
+            m = score_run(a.run, a.split, a.checkpoint, a.batch_size, a.device, a.quantize)
+            out = os.path.join(a.run, f"eval-{a.split}")
+        elif a.model and a.data:
+            model, tok, device = load_scorer(a.model, a.adapter, a.device, a.quantize)
+            rows, m = evaluate(model, tok, split_records(a.data, a.split), device, a.batch_size,
+                               order=a.order, template=a.template, max_len=a.max_len)
+            m.update(model=a.model, adapter=a.adapter, data=a.data, split=a.split)
+            out = a.out
+            if out:
+                write_results(out, rows, m)
+        else:
+            p.error("give --run RUN, or --model DIR --data FILE")
+        _print_metrics(m)
+        if out:
+            print(f"wrote {out}/predictions.jsonl and metrics.json")
+    except (EvalError, ModelError, data.DataError, lora.AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
