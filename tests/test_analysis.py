@@ -1,0 +1,199 @@
+"""analysis.py: entropy functions on constructed vectors, hooks against a hand-stepped forward pass
+and against transformers' eager attention, the logit lens at the last layer, and whole runs."""
+import json
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import analysis as A
+import data
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+
+# ----------------------------------------------------------------------------- the measures
+
+def test_entropy_functions_give_analytic_values_and_ignore_scale():
+    d = 64
+    uniform, one_hot, two = torch.ones(d), torch.zeros(d), torch.zeros(d)
+    one_hot[3] = 5.0
+    two[1], two[40] = 2.0, -2.0  # equal energy, opposite signs
+    h = torch.stack([uniform, one_hot, two])
+    assert torch.allclose(A.activation_entropy(h), torch.tensor([math.log(d), 0.0, math.log(2)]), atol=1e-6)
+    x = torch.randn(5, 7, d, generator=torch.Generator().manual_seed(0))
+    for c in (1e-3, -3.0, 1e4):
+        assert torch.allclose(A.activation_entropy(c * x), A.activation_entropy(x), atol=1e-5)
+    assert (A.activation_entropy(x) <= math.log(d) + 1e-6).all()
+    assert A.activation_entropy(torch.zeros(d)).item() == 0.0  # no energy: no NaN
+    logits = torch.tensor([[0.0] * 5, [0, -1e9, -1e9, -1e9, -1e9], [3.0, 3.0, -1e9, -1e9, -1e9]])
+    assert torch.allclose(A.softmax_entropy(logits), torch.tensor([math.log(5), 0.0, math.log(2)]), atol=1e-6)
+    assert torch.allclose(A.softmax_entropy(logits[:1] + 7.0), A.softmax_entropy(logits[:1]))
+
+
+def test_bootstrap_interval_and_middle_third():
+    mean, lo, hi = A.bootstrap(np.full((20, 3), 2.5))
+    assert np.allclose(mean, 2.5) and np.allclose(lo, 2.5) and np.allclose(hi, 2.5)
+    x = np.random.default_rng(0).normal(size=(400, 2))
+    mean, lo, hi = A.bootstrap(x)
+    assert (lo < mean).all() and (mean < hi).all() and np.allclose(hi - lo, 2 * 1.96 / 20, rtol=0.25)
+    assert np.array_equal(A.bootstrap(x)[1], lo)  # seeded
+    assert list(A.middle_third(2)) == [1] and list(A.middle_third(6)) == [2, 3]
+    assert list(A.middle_third(32)) == list(range(11, 22))
+
+
+# ----------------------------------------------------------------------------- hooks
+
+def tiny_pair(tmp_path, sliding_window=None, layers=3):
+    """A random transformers Mistral (GQA) saved to disk, ours loaded from it, and eager-attention HF."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=256, sliding_window=sliding_window)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    return M.load_model(str(tmp_path)), hf
+
+
+def test_hooked_states_equal_blocks_stepped_by_hand(tmp_path):
+    ours, _ = tiny_pair(tmp_path)
+    x = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
+    pos, rows = torch.tensor([11, 4, 7]), torch.arange(3)
+    with torch.no_grad(), A.capture(ours, pos) as rec:
+        final = ours(x, logits_at=pos)
+        h = ours.model.embed_tokens(x)
+        cos, sin = M.rope_tables(torch.arange(12).expand(3, 12), ours.config.head_dim, ours.config.rope_theta)
+        by_hand = []
+        for block in ours.model.layers:
+            h = block(h, cos, sin, None)
+            by_hand.append(h[rows, pos])
+    # the hooks also fired for the hand-stepped blocks: the first three records are the model's pass
+    assert len(rec["hidden"]) == 6
+    for got, want in zip(rec["hidden"], by_hand):
+        assert torch.equal(got, want)
+    lens_last = ours.lm_head(ours.model.norm(rec["hidden"][2]))
+    assert torch.equal(lens_last, final)  # the last layer's logit lens is the model's own output
+    assert not ours.model.layers[0]._forward_hooks  # hooks removed on exit
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_matches_transformers_eager(tmp_path, window):
+    ours, hf = tiny_pair(tmp_path, sliding_window=window)
+    x = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+    pos, rows = torch.tensor([11, 4, 8]), torch.arange(3)
+    with torch.no_grad(), A.capture(ours, pos) as rec:
+        ours(x, logits_at=pos)
+        ref = hf(x, output_attentions=True, output_hidden_states=True)
+    for i in range(3):
+        want = ref.attentions[i][rows, :, pos]                                          # (B, H, T)
+        assert (rec["attn"][i] - want).abs().max().item() < 1e-5
+        assert (rec["attn"][i][:, :, 9:].sum(-1)[1:] == 0).all()  # nothing after the query is seen
+        if i < 2:  # HF's last hidden state is after the final norm
+            assert (rec["hidden"][i] - ref.hidden_states[i + 1][rows, pos]).abs().max().item() < 1e-5
+    if window:  # keys outside the window get no weight
+        assert (rec["attn"][0][0, :, : 11 - window + 1] == 0).all()
+
+
+def test_measure_batch_is_consistent_with_the_model(tmp_path):
+    ours, hf = tiny_pair(tmp_path)
+    x = torch.randint(0, 300, (4, 10), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": x, "decision_pos": torch.tensor([9, 3, 6, 9]), "label": torch.tensor([1, 5, 3, 2])}
+    rating_ids = [10, 11, 12, 13, 14]
+    m = A.measure_batch(ours, batch, rating_ids)
+    assert m["act_entropy"].shape == (4, 3) and m["top_prob"].shape == (4,)
+    p5 = torch.softmax(ours(x, logits_at=batch["decision_pos"]).detach()[:, rating_ids], -1).double().numpy()
+    assert np.allclose(m["top_prob"], p5.max(1)) and np.allclose(m["gold_prob"], p5[np.arange(4), [0, 4, 2, 1]])
+    assert np.allclose(m["lens_rating_entropy"][:, -1], m["rating_entropy"])
+    assert np.allclose(m["lens_gold_prob"][:, -1], m["gold_prob"])
+    with torch.no_grad():
+        att = hf(x, output_attentions=True).attentions
+    want = [-torch.xlogy(a, a).sum(-1).mean(1)[torch.arange(4), batch["decision_pos"]] for a in att]
+    assert np.allclose(m["attn_entropy"], torch.stack(want, 1).numpy(), atol=1e-5)
+    assert ((0 < m["rating_mass"]) & (m["rating_mass"] < 1)).all()
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+WORDS = "the reply is clear short polite vague helpful rude long fluent odd kind wrong apt".split()
+
+
+def write_records(path, n=60):
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+            f.write(json.dumps({"id": f"r{i:03d}", "dataset": "toy", "context": [words(6), words(5)],
+                                "response": words(7), "axis": rng.choice(sorted(data.AXES)),
+                                "label": rng.randint(1, 5), "explanation": words(rng.randint(4, 9))}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mistral_v1_model):
+    """Three tiny trained runs on one base: label, explanation (rating first), explanation first."""
+    import train  # tests may drive train.py; the modules never import it
+
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    base = os.path.join(root, "base")
+    M.save_model(M.Transformer(M.Config(vocab_size=32000, hidden_size=32, intermediate_size=64, n_layers=3,
+                                        n_heads=4, n_kv_heads=2, torch_dtype="float32")), base)
+    shutil.copy(mistral_v1_model, os.path.join(base, "tokenizer.model"))
+    records = os.path.join(root, "train.jsonl")
+    write_records(records)
+    out = {}
+    for name, variant, order in (("label", "label", "rating_first"), ("expl", "explanation", "rating_first"),
+                                 ("expl-first", "explanation", "explain_first")):
+        out[name] = os.path.join(root, name)
+        train.run(train.TrainConfig(model=base, data=records, out=out[name], variant=variant, order=order,
+                                    rank=4, lr=1e-2, steps=2, batch_size=8, micro_batch=8, max_len=256,
+                                    checkpointing=False, val_every=2, save_every=2, log_every=2, device="cpu"))
+    return out
+
+
+def test_analysis_of_runs_is_deterministic_and_complete(runs, tmp_path, capsys):
+    argv = [runs["label"], runs["expl"], runs["expl-first"], "--n", "6", "--batch-size", "4"]
+    A.main(argv + ["--out", str(tmp_path / "a")])
+    A.main(argv + ["--out", str(tmp_path / "b")])
+    first, second = (json.load(open(tmp_path / d / "analysis.json")) for d in ("a", "b"))
+    assert first == second
+    assert (tmp_path / "a" / "per_layer.csv").read_text() == (tmp_path / "b" / "per_layer.csv").read_text()
+    assert set(first["variants"]) == {"label", "explanation"} and first["variants"]["explanation"]["runs"] == 2
+    assert [r["order"] for r in first["runs"].values()] == ["rating_first", "rating_first", "explain_first"]
+    for r in first["runs"].values():
+        assert r["n"] == 6 and len(r["per_layer"]["act_entropy"]["mean"]) == 3
+        for k in ("act_entropy_norm", "attn_entropy", "lens_entropy"):
+            assert all(lo <= m <= hi for m, lo, hi in zip(*r["per_layer"][k].values()))
+        assert 0 < r["output"]["rating_mass"]["mean"] < 1
+    assert "minus_label" in first["variants"]["explanation"]
+    rows = (tmp_path / "a" / "per_layer.csv").read_text().splitlines()
+    assert rows[0] == "scope,name,variant,layer,metric,mean,lo,hi,n" and len(rows) > 3 * 3 * 6
+    assert "middle_third" in (tmp_path / "a" / "summary.csv").read_text()
+    try:  # the plot exists exactly when matplotlib does
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "a" / "entropy_by_layer.png").exists()
+    except ImportError:
+        assert not (tmp_path / "a" / "entropy_by_layer.png").exists()
+
+
+def test_explain_first_run_reads_the_rating_after_the_explanation(runs):
+    model, tok, cfg = A.load_run(runs["expl-first"])
+    ex = A.run_examples(cfg, tok, "test", n=3)
+    for e in ex:  # the decision position predicts the rating, which follows the explanation
+        assert e.input_ids[e.decision_pos + 1] in data.rating_token_ids(tok)
+        assert e.decision_pos > e.n_prompt + 3
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        A.main([str(tmp_path), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train_config.json" in err and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        A.main(["--help"])
+    assert e.value.code == 0
