@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -110,7 +109,7 @@ def all_metrics(gold, pred, probs):
     gold, pred, probs = np.asarray(gold), np.asarray(pred), np.asarray(probs, dtype=np.float64)
     return {"accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred), "qwk": qwk(gold, pred),
             "mae": mae(gold, pred), "nll": nll(probs, gold), "ece": ece(probs, gold),
-            "brier": brier(probs, gold), "n": int(len(gold))}
+            "brier": brier(probs, gold), "n": len(gold)}
 
 
 def metrics_by_setting(rows):
@@ -173,24 +172,21 @@ def score_examples(model, examples, tok, batch_size=16, device=None, order="rati
     device = device or next(model.parameters()).device
     rating_ids = data.rating_token_ids(tok)
     probs, pred = np.full((len(examples), 5), 0.2), np.zeros(len(examples), dtype=int)
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+    by_length = sorted(range(len(examples)), key=lambda i: examples[i].n_prompt)  # little padding
     for start in range(0, len(examples), batch_size):
         idx = by_length[start:start + batch_size]
         if order == "rating_first":
-            seqs = [examples[i].input_ids[:examples[i].decision_pos + 1] for i in idx]
-        else:
-            prompts = [examples[i].input_ids[:examples[i].n_prompt] for i in idx]
-            outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
-            found = [(i, p + out[:j], rating_ids.index(out[j]) + 1) for i, p, out in zip(idx, prompts, outs)
-                     if (j := find_rating(out, tok)) is not None]
-            if not found:
-                continue
-            idx, seqs, parsed = zip(*found)
-            pred[list(idx)] = parsed
-        p = _rating_probs(model, seqs, rating_ids, device)
-        probs[list(idx)] = p
-        if order == "rating_first":
-            pred[idx] = p.argmax(1) + 1
+            p = _rating_probs(model, [examples[i].input_ids[:examples[i].decision_pos + 1] for i in idx],
+                              rating_ids, device)
+            probs[idx], pred[idx] = p, p.argmax(1) + 1
+            continue
+        prompts = [examples[i].input_ids[:examples[i].n_prompt] for i in idx]
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+        found = [(i, prompt + out[:j], rating_ids.index(out[j]) + 1) for i, prompt, out in zip(idx, prompts, outs)
+                 if (j := find_rating(out, tok)) is not None]
+        if found:
+            idx, seqs, parsed = map(list, zip(*found))
+            probs[idx], pred[idx] = _rating_probs(model, seqs, rating_ids, device), parsed
     return probs, pred
 
 
@@ -371,7 +367,7 @@ def markdown(summary, variants, settings):
     lines = [f"# Accuracy on the {summary['split']} split, mean ± std over seeds", "",
              row("dataset", "axis", *(f"{v} ({n_seeds[v]} seeds)" for v in variants)),
              row(*["---"] * (2 + len(variants)))]
-    lines += [row(*(s.split("/") if s != "overall" else ["**overall**", ""]), *(cell(s, v) for v in variants))
+    lines += [row(*(s.rsplit("/", 1) if s != "overall" else ["**overall**", ""]), *(cell(s, v) for v in variants))
               for s in settings]
     if versus:
         lines += ["", "## Against label-only", "",
@@ -482,8 +478,8 @@ def main(argv=None):
         p.add_argument("--data", help="records to score (.jsonl/.csv; with --model)")
         p.add_argument("--split", default="test", help="train | val | test | all")
         p.add_argument("--order", default="rating_first", choices=data.ORDERS, help="with --model")
-        p.add_argument("--template", default="base", choices=data.TEMPLATES, help="with --model")
-        p.add_argument("--max-len", type=int, default=512, help="prompt length limit, with --model")
+        p.add_argument("--template", choices=data.TEMPLATES, help="with --model (default: data.py's)")
+        p.add_argument("--max-len", type=int, help="prompt + rating token limit, with --model (default: data.py's)")
         p.add_argument("--out", help="where --model writes predictions.jsonl and metrics.json")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--device", default="auto")
@@ -494,8 +490,8 @@ def main(argv=None):
             out = os.path.join(a.run, f"eval-{a.split}")
         elif a.model and a.data:
             model, tok, device = load_scorer(a.model, a.adapter, a.device, a.quantize)
-            rows, m = evaluate(model, tok, split_records(a.data, a.split), device, a.batch_size,
-                               order=a.order, template=a.template, max_len=a.max_len)
+            build = {k: v for k, v in (("template", a.template), ("max_len", a.max_len)) if v is not None}
+            rows, m = evaluate(model, tok, split_records(a.data, a.split), device, a.batch_size, order=a.order, **build)
             m.update(model=a.model, adapter=a.adapter, data=a.data, split=a.split)
             out = a.out
             if out:

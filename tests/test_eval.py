@@ -1,0 +1,322 @@
+"""eval.py: metrics against hand-computed values, scoring against a plain full forward pass, the
+comparison on synthetic runs with known differences, and scoring throughput."""
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+import lora
+from model import Config, Transformer, load_model, save_model
+
+AXES = ("naturalness", "comprehensiveness", "on_topic")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in read(path).splitlines()]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_metrics_against_hand_values():
+    gold, pred = np.array([1, 2, 3, 4, 5]), np.array([1, 2, 3, 4, 4])
+    assert ev.accuracy(gold, pred) == 0.8
+    assert ev.mae(gold, pred) == pytest.approx(0.2)
+    assert ev.macro_f1(gold, pred) == pytest.approx((3 + 2 / 3 + 0) / 5)  # rating 4: 2/3, rating 5: 0
+    # sum(W*O) = 1/16; sum(W*E) = (30 + 15 + 10 + 2 * 15) / 16 / 5 = 17/16 -> kappa = 1 - 1/17
+    assert ev.qwk(gold, pred) == pytest.approx(16 / 17)
+    assert ev.qwk(gold, gold) == 1.0
+    assert ev.qwk(gold, 6 - gold) == pytest.approx(-1.0)  # inverted: sum(W*O) = 40/16, sum(W*E) = 20/16
+
+    probs = np.array([[0.6, 0.1, 0.1, 0.1, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    gold2 = np.array([1, 2])
+    assert ev.brier(probs, gold2) == pytest.approx((0.2 + 1.2) / 2)  # .16+4*.01 ; .36+.81+3*.01
+    assert ev.nll(probs, gold2) == pytest.approx(-(np.log(0.6) + np.log(0.1)) / 2)
+
+
+def test_metrics_single_class_and_perfect():
+    three = np.array([3, 3, 3, 3])
+    assert ev.qwk(three, three) == 1.0            # 0/0 by the formula: defined as perfect agreement
+    assert ev.qwk(three, np.array([3, 3, 4, 2])) == pytest.approx(0.0)  # observed == expected
+    assert ev.macro_f1(three, three) == 1.0
+    assert ev.macro_f1(three, np.array([3, 3, 4, 2])) == pytest.approx((0 + 4 / 6 + 0) / 3)
+    onehot = np.eye(5)[three - 1]
+    assert ev.ece(onehot, three) == 0.0 and ev.brier(onehot, three) == 0.0
+    assert ev.nll(onehot, three) == pytest.approx(0.0)
+    assert ev.nll(np.eye(5)[[0, 0, 0, 0]], three) == pytest.approx(-np.log(1e-12))  # clipped, finite
+
+
+def test_ece_and_reliability_bins():
+    # confidences 0.9 (right), 0.9 (wrong), 0.35 (right), 0.35 (right)
+    probs = np.array([[0.9, .025, .025, .025, .025]] * 2 + [[0.35, 0.30, 0.15, 0.1, 0.1]] * 2)
+    gold = np.array([1, 2, 1, 1])
+    assert ev.ece(probs, gold) == pytest.approx(0.5 * 0.4 + 0.5 * 0.65)
+    rel = ev.reliability(probs, gold)
+    assert rel[9] == (pytest.approx(0.9), 0.5, 2) and rel[3] == (pytest.approx(0.35), 1.0, 2)
+    assert sum(n for _, _, n in rel) == 4 and rel[0][2] == 0
+
+
+def test_unparsed_prediction_counts_as_wrong():
+    rows = [{"id": "a", "dataset": "d", "axis": "x", "gold": 2, "predicted": None, "probs": [0.2] * 5},
+            {"id": "b", "dataset": "d", "axis": "x", "gold": 4, "predicted": 4, "probs": [0, 0, 0, 1, 0]}]
+    m = ev.metrics_by_setting(rows)
+    assert m["overall"]["accuracy"] == 0.5 and m["overall"]["mae"] == 1.5   # scored as rating 5: |2 - 5| = 3
+    assert list(m["settings"]) == ["d/x"] and m["settings"]["d/x"]["n"] == 2
+
+
+def test_sign_test_and_bootstrap():
+    assert ev.sign_test(4, 0) == pytest.approx(2 / 16)
+    assert ev.sign_test(18, 0) == pytest.approx(2 / 2**18)
+    assert ev.sign_test(3, 3) == 1.0 and ev.sign_test(0, 0) == 1.0
+    assert ev.sign_test(1, 5) == pytest.approx(2 * 7 / 64)
+    lo, hi = ev.paired_bootstrap(np.array([1.0] * 30 + [0.0] * 70), n_boot=500, seed=1)
+    assert 0 < lo < 0.3 < hi < 0.5
+    assert ev.paired_bootstrap(np.array([1.0] * 30 + [0.0] * 70), n_boot=500, seed=1) == (lo, hi)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def make_records(n=60, seed=0):
+    rng = random.Random(seed)
+    words = ["the", "phone", "battery", "lasts", "long", "movie", "was", "great", "thanks", "I", "think", "so",
+             "maybe", "not", "order", "arrived", "late", "story", "answer", "question", "tell", "me", "more"]
+    say = lambda k: " ".join(rng.choice(words) for _ in range(k)).capitalize() + "."
+    return [{"id": f"item-{i}", "dataset": ("coqa", "amazonqa")[i % 2], "axis": AXES[i % 3],
+             "context": [say(rng.randint(3, 30)) for _ in range(rng.randint(1, 4))], "response": say(rng.randint(3, 20)),
+             "label": rng.randint(1, 5), "explanation": say(rng.randint(4, 15))} for i in range(n)]
+
+
+def tiny_checkpoint(path, tokenizer_file, vocab_size, seed=0):
+    torch.manual_seed(seed)
+    cfg = Config(arch="mistral", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, n_layers=2,
+                 n_heads=4, n_kv_heads=2, max_position_embeddings=1024, torch_dtype="float32")
+    save_model(Transformer(cfg), path)
+    shutil.copy(tokenizer_file, os.path.join(path, "tokenizer.model"))
+    return path
+
+
+def fake_run(tmp_path, tokenizer_file, vocab_size, data_file, order="rating_first"):
+    """A run folder as train.py leaves it: train_config.json and a best/ adapter (non-zero LoRA B)."""
+    base = tiny_checkpoint(str(tmp_path / "base"), tokenizer_file, vocab_size)
+    model = load_model(base)
+    torch.manual_seed(1)
+    lora.add_lora(model, rank=4, alpha=8)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    run = tmp_path / "run"
+    lora.save_adapter(model, str(run / "best"))
+    cfg = {"model": base, "data": data_file, "variant": "explanation", "order": order, "template": "base",
+           "axes": "", "datasets": "", "max_len": 512, "seed": 0, "quantize": "", "skip_bad": False, "full": False}
+    (run / "train_config.json").write_text(json.dumps(cfg))
+    return str(run), base
+
+
+def full_forward_probs(model, example, rating_ids):
+    """The reference: every position's logits, read at the decision position."""
+    with torch.no_grad():
+        logits = model(torch.tensor([example.input_ids]))[0, example.decision_pos]    # (V,)
+    return torch.softmax(logits[rating_ids].double(), -1).numpy()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo corpus, small: 144 rated records and a tokenizer trained on its text."""
+    return data.write_demo(str(tmp_path_factory.mktemp("demo")), n_per_dataset=8, n_corpus=300, vocab_size=500)
+
+
+@pytest.mark.parametrize("which", ["mistral_v1", "demo"])
+def test_score_run_equals_full_forward_at_decision_position(which, demo, tmp_path, request):
+    tok_file = request.getfixturevalue("mistral_v1_model") if which == "mistral_v1" else demo["tokenizer"]
+    tok = data.Tokenizer(tok_file)
+    run, base = fake_run(tmp_path, tok_file, tok.vocab_size, demo["train"])
+    m = ev.score_run(run, split="test", batch_size=4)
+
+    rows = read_jsonl(os.path.join(run, "eval-test", "predictions.jsonl"))
+    records = data.load_records(demo["train"])
+    test = [r for r in records if data.split_of(r["id"]) == "test"]
+    assert len(rows) == len(test) == m["overall"]["n"] > 0
+    assert {r["dataset"] + "/" + r["axis"] for r in test} == set(m["settings"])
+    model = load_model(base)
+    lora.load_adapter(model, os.path.join(run, "best"))
+    model.eval()
+    rating_ids = data.rating_token_ids(tok)
+    examples = {(e.id, e.axis): e for e in data.build_examples(test, tok, "explanation", max_len=512)}
+    for r in rows:
+        e = examples[r["id"], r["axis"]]
+        assert e.input_ids[e.decision_pos + 1] == rating_ids[e.label - 1]  # the position predicts the rating
+        np.testing.assert_allclose(r["probs"], full_forward_probs(model, e, rating_ids), atol=1e-5)
+        assert r["predicted"] == int(np.argmax(r["probs"])) + 1 and r["gold"] == e.label
+    saved = json.loads(read(os.path.join(run, "eval-test", "metrics.json")))
+    assert saved["overall"] == m["overall"] and set(m["overall"]) == {*ev.METRICS, "n"}
+    assert m["examples_per_s"] > 0 and m["unparsed"] == 0
+
+    # zero-shot through the command line: the base model alone, on every record
+    out = tmp_path / "zero"
+    ev.main(["--model", base, "--data", demo["train"], "--split", "all", "--out", str(out)])
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == len(records)
+    plain = load_model(base)
+    examples = {(e.id, e.axis): e for e in data.build_examples(records, tok, "label")}
+    for r in rows[::15]:
+        np.testing.assert_allclose(r["probs"], full_forward_probs(plain, examples[r["id"], r["axis"]], rating_ids),
+                                   atol=1e-5)
+
+
+def test_explain_first_parses_generated_rating(mistral_v1_model, tmp_path, monkeypatch):
+    tok = data.Tokenizer(mistral_v1_model)
+    rating_ids = data.rating_token_ids(tok)
+    answer = lambda text, r: tok.encode(text) + tok.continuation("\nRating:") + tok.encode(str(r))
+    assert ev.find_rating(answer(" Fluent, 3 words.", 4), tok) == len(answer(" Fluent, 3 words.", 4)) - 1
+    assert ev.find_rating(tok.encode(" Fluent, 3 words. Rating 4"), tok) is None
+    assert ev.find_rating(answer(" Fine.", 4)[:-1], tok) is None
+
+    records = make_records(12)
+    model = load_model(tiny_checkpoint(str(tmp_path / "base"), mistral_v1_model, tok.vocab_size))
+    examples = data.build_examples(records, tok, "explanation", order="explain_first")
+    outputs = [answer(" Fine.", 1 + i % 5) + [tok.eos_id] if i % 4 else tok.encode(" no rating") for i in range(12)]
+    by_prompt = {tuple(e.input_ids[:e.n_prompt]): o for e, o in zip(examples, outputs)}
+    monkeypatch.setattr(ev, "generate", lambda model, prompts, **kw: [by_prompt[tuple(p)] for p in prompts])
+    probs, pred = ev.score_examples(model, examples, tok, batch_size=5, order="explain_first")
+    for i, (e, out) in enumerate(zip(examples, outputs)):
+        if i % 4 == 0:
+            assert pred[i] == 0 and np.allclose(probs[i], 0.2)
+            continue
+        assert pred[i] == 1 + i % 5
+        seq = e.input_ids[:e.n_prompt] + out[:-2]   # the prompt and the answer up to the rating token
+        ref = data.Example(e.id, e.dataset, e.axis, e.label, seq, seq, len(seq) - 1, e.n_prompt)
+        np.testing.assert_allclose(probs[i], full_forward_probs(model, ref, rating_ids), atol=1e-5)
+
+
+def test_scoring_is_faster_than_full_sequence_logits(mistral_v1_model):
+    """Large vocabulary, long prompts, a small body: the LM head over every position dominates."""
+    tok = data.Tokenizer(mistral_v1_model)
+    torch.manual_seed(0)
+    model = Transformer(Config(arch="mistral", vocab_size=32000, hidden_size=64, intermediate_size=128, n_layers=1,
+                               n_heads=4, n_kv_heads=2, max_position_embeddings=1024, torch_dtype="float32")).eval()
+    rng = random.Random(0)
+    examples = [data.Example(f"x{i}", "d", "naturalness", 3, ids, ids, len(ids) - 2, len(ids) - 2)
+                for i in range(16) for ids in [[rng.randrange(3, 32000) for _ in range(384)]]]
+    rating_ids = data.rating_token_ids(tok)
+
+    t0 = time.perf_counter()
+    probs, _ = ev.score_examples(model, examples, tok, batch_size=4)
+    fast = len(examples) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(examples), 4):
+            batch = data.collate(examples[i:i + 4], tok.pad_id)
+            logits = model(batch["input_ids"])                                        # (B, T, V)
+            full = logits[torch.arange(len(batch["label"])), batch["decision_pos"]][:, rating_ids].softmax(-1)
+            np.testing.assert_allclose(probs[i:i + 4], full.double().numpy(), atol=1e-5)
+    slow = len(examples) / (time.perf_counter() - t0)
+    print(f"\nscoring throughput: {fast:.0f} examples/s at the decision position vs {slow:.0f} examples/s "
+          f"with full-sequence logits ({fast / slow:.1f}x; 384 tokens, vocab 32000, batch 4)")
+    assert fast > 2 * slow
+
+
+# ----------------------------------------------------------------------------- comparison
+
+SETTINGS = [(d, a) for d in ("amazonqa", "coqa") for a in ("naturalness", "on_topic")]
+
+
+def write_fake_predictions(root, variant, seed, n_correct, n_items=10, drop=0):
+    """A run whose every setting has n_correct of n_items right (n_correct: int or per-setting list)."""
+    run = os.path.join(root, f"{variant}-s{seed}")
+    os.makedirs(os.path.join(run, "eval-test"))
+    with open(os.path.join(run, "train_config.json"), "w") as f:
+        json.dump({"variant": variant, "seed": seed, "order": "rating_first"}, f)
+    rows = []
+    for k, (d, a) in enumerate(SETTINGS):
+        right = n_correct[k] if isinstance(n_correct, list) else n_correct
+        for i in range(n_items):
+            gold = 1 + i % 5
+            pred = gold if i < right else 1 + (gold % 5)
+            probs = [0.1] * 5
+            probs[pred - 1] = 0.6
+            rows.append({"id": f"{d}-{i}", "dataset": d, "axis": a, "gold": gold, "predicted": pred, "probs": probs})
+    with open(os.path.join(run, "eval-test", "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[drop:])
+    return run
+
+
+@pytest.fixture
+def grid(tmp_path):
+    root = str(tmp_path / "grid")
+    runs = []
+    for seed in (0, 1):
+        runs.append(write_fake_predictions(root, "label", seed, 5))
+        runs.append(write_fake_predictions(root, "explanation", seed, 8))
+        runs.append(write_fake_predictions(root, "shuffled", seed, 6 + seed))    # 0.65 +- 0.0707
+        runs.append(write_fake_predictions(root, "random", seed, [4, 4, 5, 4]))  # worse than label
+    return root, runs
+
+
+@pytest.mark.parametrize("with_matplotlib", [True, False])
+def test_compare_reproduces_known_differences(grid, tmp_path, monkeypatch, capsys, with_matplotlib):
+    if with_matplotlib:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    _, runs = grid
+    out = str(tmp_path / "cmp")
+    s = ev.compare(runs, out, n_boot=500)
+
+    t = s["table"]
+    assert t["coqa/naturalness"]["label"]["accuracy"]["mean"] == pytest.approx(0.5)
+    assert t["coqa/naturalness"]["explanation"]["accuracy"] == {"mean": pytest.approx(0.8), "std": 0.0,
+                                                                 "values": [0.8, 0.8]}
+    assert t["amazonqa/on_topic"]["shuffled"]["accuracy"]["std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    assert t["overall"]["random"]["accuracy"]["mean"] == pytest.approx(17 / 40)
+    v = s["versus_label"]
+    assert list(v) == ["explanation", "shuffled", "random"]
+    assert (v["explanation"]["wins"], v["shuffled"]["wins"], v["random"]["wins"]) == (4, 4, 0)
+    assert (v["random"]["losses"], v["random"]["settings"]) == (3, 4)               # one tie
+    assert v["explanation"]["gap_closed"] == pytest.approx(1.0)
+    assert v["shuffled"]["gap_closed"] == pytest.approx(0.5)
+    assert v["random"]["gap_closed"] == pytest.approx((17 / 40 - 0.5) / 0.3)
+    assert v["explanation"]["ci95"][0] > 0 and v["shuffled"]["ci95"][0] > 0 and v["random"]["ci95"][1] < 0.01
+    assert v["explanation"]["sign_p"] == pytest.approx(0.125) and v["random"]["sign_p"] == pytest.approx(0.25)
+
+    md = read(os.path.join(out, "compare.md"))
+    assert "| coqa | naturalness | 0.500 ± 0.000 | 0.800 ± 0.000 | 0.650 ± 0.071 | 0.500 ± 0.000 |" in md
+    assert "| shuffled | 4/4 | 50% | +0.150 [" in md
+    assert "| coqa/naturalness | +0.300 | +0.150 | +0.000 |" in md and "## Reliability" in md
+    csv = read(os.path.join(out, "compare.csv")).splitlines()
+    assert csv[0] == "setting,variant,metric,mean,std,n_seeds" and "overall,label,accuracy,0.500000,0.000000,2" in csv
+    assert json.loads(read(os.path.join(out, "compare.json")))["versus_label"]["shuffled"]["wins"] == 4
+    pictures = {"reliability.png", "differences.png"} & set(os.listdir(out))
+    assert pictures == ({"reliability.png", "differences.png"} if with_matplotlib else set())
+    assert ("pip install matplotlib" in capsys.readouterr().out) != with_matplotlib
+
+
+def test_compare_refuses_different_test_items(grid, tmp_path, capsys):
+    _, runs = grid
+    odd = write_fake_predictions(str(tmp_path / "other"), "label", 7, 5, drop=1)
+    with pytest.raises(ev.EvalError, match="different test items"):
+        ev.compare(runs + [odd], str(tmp_path / "cmp"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["compare", *runs, odd, "--out", str(tmp_path / "cmp")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "different test items" in err and err.count("\n") == 1
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    for argv in (["--run", str(tmp_path)], ["--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
