@@ -1,0 +1,162 @@
+"""Helpers shared by the three benchmarks: timing, resident memory, fresh-subprocess workers, tables.
+
+Nothing here is imported by the project's modules; the scripts in bench/ import it as `common`.
+Memory on CPU is read from /proc/self/status: VmHWM is the peak resident set size of the process,
+and writing "5" to /proc/self/clear_refs resets it to the current RSS, so one worker process can
+measure the peak of one phase (loading, or a few training steps) on its own.
+"""
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # model.py, lora.py, quant.py, eval.py live at the top level
+
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def rss_bytes():
+    """Current resident set size of this process."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes():
+    """Peak resident set size since the process started or since the last reset_peak_rss()."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss():
+    """Make VmHWM equal to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class RssSampler:
+    """Polls anonymous and file-backed RSS in a thread (every `interval` s) and keeps their maxima:
+    VmHWM has no split, and file-backed pages (a mapped safetensors shard) are page cache the kernel
+    can drop, so it is worth knowing how much of a peak they were."""
+
+    def __init__(self, interval=0.002):
+        import threading
+        self.interval, self.max_anon, self.max_file = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.max_anon = max(self.max_anon, _status_kib("RssAnon") * 1024)
+            self.max_file = max(self.max_file, _status_kib("RssFile") * 1024)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------- workers
+
+def run_worker(argv, timeout=3600):
+    """Run `python argv...` in a fresh process; it prints one JSON object on its last stdout line."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"worker {' '.join(argv)} failed with exit status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_reply(obj):
+    print(json.dumps(obj), flush=True)
+
+
+# ----------------------------------------------------------------------------- timing and reports
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def synchronize(device):
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """Seconds one call of fn() takes, waiting for the GPU when there is one."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def machine(device="cpu"):
+    """What the numbers were measured on, for the JSON and the table header."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1)
+    except (OSError, AttributeError):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "python": platform.python_version()}
+    for pkg in ("transformers", "peft", "bitsandbytes"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # not installed, or broken on this machine: the report says so
+            info[pkg] = None
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def verdict(ok):
+    return "PASS" if ok else "MISS"
+
+
+def table(rows, header):
+    """Print rows (lists of cells) under a header, columns padded to fit."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for r in cells[1:]:
+        print(line(r))
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def write_json(path, name, obj):
+    path = path or os.path.join(RESULTS, f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"\nwrote {os.path.relpath(path)}")
+    return path
+
+
+def tempdir(prefix):
+    return tempfile.TemporaryDirectory(prefix=prefix)

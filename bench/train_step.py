@@ -1,0 +1,410 @@
+"""One LoRA training step, this project vs transformers + peft, on the same weights and batch.
+
+    python bench/train_step.py                    # CPU: Mistral-shaped 56M model, batch 4 x 256, fp32
+    python bench/train_step.py --quantize nf4     # the same with a 4-bit base: quant.NF4Linear vs bitsandbytes
+    python bench/train_step.py --device cuda      # Mistral-7B shape, bf16, micro-batch 8 x 512 (GPU only)
+    python bench/train_step.py --smoke            # tiny sizes, seconds (tests/test_bench.py)
+
+The work, identical on both sides: rank-16 LoRA (alpha 32, dropout 0.05) on q/k/v/o/gate/up/down, a
+frozen base, cross-entropy on the last 32 tokens of each sequence only, backward, one AdamW step.
+This project: model.Transformer + lora.add_lora, the loss of train.py (`loss_sum`: the LM head runs
+only on the positions that carry loss). transformers + peft: MistralForCausalLM + get_peft_model,
+labels -100 except the last 32 tokens. Both load one checkpoint written here (CPU, and every NF4
+run), or, for the 7B bf16 profile, are built on the meta device and filled on the GPU by the same
+seeded initialisation (no 14 GB file).
+
+Time: the sides alternate step by step in one process (order flipped every repetition), after a
+warm-up; the median is reported. Peak memory: each side again in a fresh subprocess that runs a
+few steps: on CPU the peak resident set size (VmHWM) over the process's RSS after its imports (so
+it counts weights, LoRA, optimizer state and activations); on CUDA torch.cuda.max_memory_allocated.
+Left out: data loading, gradient accumulation, distributed training (train.py has them).
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import zlib
+from dataclasses import asdict, dataclass, replace
+
+import common  # noqa: F401  (puts the project root on sys.path)
+import torch
+import torch.nn.functional as F
+
+import lora
+from model import DTYPES, PRESETS, Config, Transformer, load_model, save_model
+
+IGNORE_INDEX = -100  # the label value transformers and data.py both skip
+SIDE_NAMES = {"ours": "this project", "hf": "transformers+peft",
+              "ours-nf4": "this project, NF4 base", "hf-nf4": "transformers+peft+bitsandbytes NF4"}
+
+
+@dataclass
+class Profile:
+    name: str
+    config: Config
+    batch: int              # sequences per step
+    seq: int                # tokens per sequence
+    loss_tokens: int        # the last this many tokens of each sequence carry loss
+    dtype: str              # base weights; bf16 runs under autocast, as train.py does
+    checkpointing: tuple    # activation checkpointing settings to measure
+    warmup: int             # untimed steps per side before the timed ones
+    reps: int               # timed steps per side
+    mem_steps: int = 3      # steps run by each memory worker
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+
+
+PROFILES = {
+    "cpu": Profile("cpu", Config(name="mistral-56m", arch="mistral", vocab_size=32000, hidden_size=512,
+                                 intermediate_size=1376, n_layers=8, n_heads=8, n_kv_heads=4,
+                                 torch_dtype="float32"),
+                   batch=4, seq=256, loss_tokens=32, dtype="float32", checkpointing=(False, True), warmup=2, reps=10),
+    "cuda": Profile("cuda", replace(PRESETS["mistral-7b-v0.1"]),
+                    batch=8, seq=512, loss_tokens=32, dtype="bfloat16", checkpointing=(True,), warmup=3, reps=10),
+    "smoke": Profile("smoke", replace(PRESETS["tiny"]),
+                     batch=2, seq=32, loss_tokens=8, dtype="float32", checkpointing=(False, True), warmup=1, reps=2,
+                     mem_steps=2, rank=4, alpha=8.0),
+}
+
+# bf16 dense tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (no sparsity)
+GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                 ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+                 ("A10", 125e12), ("4090", 165e12), ("3090", 71e12)]
+
+
+def gpu_peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_BF16 if k in name), None)
+
+
+try:  # the training loss exactly as train.py computes it (train.py needs data.py to import)
+    from train import loss_sum
+    LOSS_FN = "train.loss_sum"
+except ImportError:
+    def loss_sum(model, batch):
+        """A copy of train.loss_sum: summed cross-entropy, the LM head only on target positions."""
+        mask = batch["targets"] != IGNORE_INDEX                                     # (B, T)
+        logits = model(batch["input_ids"], logits_at=mask)                          # (N, V)
+        return F.cross_entropy(logits.float(), batch["targets"][mask], reduction="sum")
+    LOSS_FN = "copy of train.loss_sum (train.py not importable here)"
+
+
+# ----------------------------------------------------------------------------- weights and batch
+
+def init_weights_(model, seed):
+    """The same random weights in any model with HF parameter names: norms 1, the rest N(0, 0.02),
+    each tensor from a generator seeded by its name (so the order of construction does not matter)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def write_checkpoint(config, path, seed=0):
+    """A Hugging Face-format folder with random weights, in the config's dtype, that both sides load."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = init_weights_(model.to_empty(device="cpu"), seed).to(DTYPES[config.torch_dtype])
+    save_model(model, path, max_shard_size="1GB")
+    return path
+
+
+def make_batch(profile, device, seed=0):
+    """Random tokens; ours gets `targets` (already shifted: targets[:, t] is the token after t),
+    transformers gets `labels` (unshifted; it shifts inside its loss). Same 32 predictions per row."""
+    B, T, L = profile.batch, profile.seq, profile.loss_tokens
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, profile.config.vocab_size, (B, T), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, T - L:] = ids[:, T - L:]                              # the last L tokens are the targets
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]                                 # logits at t predict token t + 1
+    return {k: v.to(device) for k, v in dict(input_ids=ids, labels=labels, targets=targets).items()}
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+def hf_config(config):
+    import transformers
+    return transformers.MistralConfig(**config.to_hf()) if config.arch == "mistral" else \
+        transformers.LlamaConfig(**config.to_hf())
+
+
+def build_ours(profile, device, ckpt, quantize, checkpointing, seed):
+    dtype = DTYPES[profile.dtype]
+    if ckpt is not None:
+        model = load_model(ckpt, device=device, dtype=dtype, quantize="nf4" if quantize else None)
+    else:  # built on meta, filled on the device: a 7B model never touches the disk or the host
+        with torch.device("meta"):
+            model = Transformer(profile.config).to(dtype)
+        model = init_weights_(model.to_empty(device=device), seed)
+    torch.manual_seed(seed)
+    lora.add_lora(model, rank=profile.rank, alpha=profile.alpha, dropout=profile.dropout)
+    model.gradient_checkpointing = checkpointing
+    model.train()
+    n_tok = profile.batch * profile.loss_tokens
+
+    def loss(batch):
+        return loss_sum(model, batch) / n_tok
+    return model, loss
+
+
+def build_hf(profile, device, ckpt, quantize, checkpointing, seed):
+    import peft
+    import transformers
+    dtype = DTYPES[profile.dtype]
+    if quantize:
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            ckpt, quantization_config=bnb, dtype=dtype, device_map=str(device))
+    elif ckpt is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device)
+    else:
+        cfg = hf_config(profile.config)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+        model = model.to_empty(device=device)
+        rotary = model.model.rotary_emb  # its inv_freq buffers are not parameters: compute them again
+        model.model.rotary_emb = type(rotary)(cfg).to(device)
+        init_weights_(model, seed)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=profile.rank, lora_alpha=profile.alpha, lora_dropout=profile.dropout,
+                          target_modules=list(lora.TARGETS), task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, cfg)
+    model.train()
+
+    def loss(batch):
+        return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    return model, loss
+
+
+def build_side(side, profile, device, ckpt, checkpointing, seed=0):
+    """(model, step function) for one side; step() runs forward, backward and AdamW, returns the loss."""
+    build = build_ours if side.startswith("ours") else build_hf
+    model, loss = build(profile, device, ckpt, side.endswith("nf4"), checkpointing, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if device.type == "cuda" else None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if profile.dtype in ("bfloat16", "bf16")
+                else contextlib.nullcontext())
+    batch = make_batch(profile, device, seed)
+
+    def step():
+        with autocast:
+            value = loss(batch)
+        value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return value.detach()
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return model, step, n_params, sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def warm_up_torch(device):
+    """Pay torch's one-time costs (thread pools, kernel libraries, autograd engine) before the
+    baseline is read, so that neither side is charged for them: a tiny forward, backward, AdamW."""
+    w = torch.nn.Linear(64, 64, device=device)
+    x = torch.randn(2, 4, 8, 64, device=device)
+    y = F.scaled_dot_product_attention(x, x, x, is_causal=True)
+    F.cross_entropy(w(F.silu(y)).flatten(0, 2), torch.zeros(64, dtype=torch.long, device=device)).backward()
+    torch.optim.AdamW(w.parameters(), fused=True if device.type == "cuda" else None).step()
+    common.synchronize(device)
+
+
+def memory_worker(spec):
+    """Runs in a fresh process: build one side, run a few steps, report peak memory."""
+    device = torch.device(spec["device"])
+    profile = Profile(**{**spec["profile"], "config": Config(**spec["profile"]["config"]),
+                         "checkpointing": tuple(spec["profile"]["checkpointing"])})
+    if spec["side"].startswith("hf"):  # imports belong to the baseline, not to the measurement
+        import peft.tuners.lora  # noqa: F401
+        import transformers.models.mistral.modeling_mistral  # noqa: F401
+        if spec["side"].endswith("nf4"):
+            import bitsandbytes  # noqa: F401
+    else:
+        import quant  # noqa: F401
+    warm_up_torch(device)
+    base = common.rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, step, _, _ = build_side(spec["side"], profile, device, spec["ckpt"], spec["checkpointing"])
+    loaded = common.rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    common.reset_peak_rss()
+    for _ in range(profile.mem_steps):
+        step()
+    common.synchronize(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        common.worker_reply({"peak_bytes": peak, "step_bytes": peak - loaded, "loaded_bytes": loaded})
+    else:
+        peak = common.peak_rss_bytes()
+        common.worker_reply({"peak_bytes": peak - base, "step_bytes": peak - loaded, "loaded_bytes": loaded - base})
+
+
+def trace(step, device, rows=15):
+    """One step under torch.profiler: the ops that take the time."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        common.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def measure(profile, sides, device, ckpt, checkpointing, args):
+    """Alternate the sides step by step; then one memory worker per side."""
+    built = {s: build_side(s, profile, device, ckpt, checkpointing) for s in sides}
+    times, first_loss = {s: [] for s in sides}, {}
+    for rep in range(profile.warmup + profile.reps):
+        for s in (sides if rep % 2 == 0 else sides[::-1]):
+            seconds, loss = common.timed(built[s][1], device)
+            first_loss.setdefault(s, loss.item())
+            if rep >= profile.warmup:
+                times[s].append(seconds)
+    traces = {s: trace(built[s][1], device) for s in sides} if args.trace else {}
+    n_params = {s: built[s][2] for s in sides}
+    n_trainable = {s: built[s][3] for s in sides}
+    del built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    results = {}
+    tokens = profile.batch * profile.seq
+    for s in sides:
+        spec = {"side": s, "profile": asdict(profile), "device": str(device), "ckpt": ckpt,
+                "checkpointing": checkpointing}
+        mem = common.run_worker([os.path.abspath(__file__), "--worker", json.dumps(spec)])
+        t = common.median(times[s])
+        results[s] = {"step_s": t, "step_s_all": times[s], "tokens_per_s": tokens / t,
+                      "first_loss": first_loss[s], "params": n_params[s], "trainable": n_trainable[s], **mem}
+        if device.type == "cuda" and (peak := gpu_peak_flops(device)):
+            # frozen-base LoRA: forward 2N + backward to activations 2N FLOPs per token; recompute not counted
+            results[s]["mfu"] = 4 * n_params[s] * tokens / t / peak
+    return results, traces
+
+
+def targets_for(profile, device, quantize, checkpointing, res):
+    """(name, value, limit, ok) for each target of issues 8 and 13 that this run can check."""
+    out = []
+    if device.type == "cpu" and not quantize:
+        out.append(("time vs transformers+peft", res["ours"]["step_s"] / res["hf"]["step_s"], "<= 0.70x", 0.70))
+        out.append(("peak memory vs transformers+peft", res["ours"]["peak_bytes"] / res["hf"]["peak_bytes"],
+                    "<= 0.80x", 0.80))
+    if device.type == "cuda" and not quantize:
+        if "mfu" in res["ours"]:
+            out.append(("model FLOPs utilisation", res["ours"]["mfu"], ">= 45%", -0.45))
+        out.append(("peak memory (GB)", res["ours"]["peak_bytes"] / 1e9, "<= 20 GB", 20.0))
+    if device.type == "cuda" and quantize:
+        q = res["ours-nf4"]
+        out.append(("NF4 peak memory (GB)", q["peak_bytes"] / 1e9, "<= 8 GB", 8.0))
+        out.append(("NF4 tokens/s vs bitsandbytes QLoRA", q["tokens_per_s"] / res["hf-nf4"]["tokens_per_s"],
+                    ">= 1.00x", -1.0))
+        out.append(("NF4 tokens/s vs own bf16 LoRA", q["tokens_per_s"] / res["ours"]["tokens_per_s"],
+                    ">= 0.80x", -0.80))
+    # a negative limit means "at least |limit|"
+    return [{"target": n, "value": v, "goal": g, "pass": v <= lim if lim > 0 else v >= -lim,
+             "checkpointing": checkpointing} for n, v, g, lim in out]
+
+
+def report(profile, sides, checkpointing, res, targets, device):
+    print(f"\n== activation checkpointing {'on' if checkpointing else 'off'}")
+    cuda = device.type == "cuda"
+    header = ["side", "step (median)", "tokens/s", "peak mem", "in the step", "first loss"] + (["MFU"] if cuda else [])
+    rows = []
+    for s in sides:
+        r = res[s]
+        rows.append([SIDE_NAMES[s], f"{r['step_s'] * 1000:.0f} ms", f"{r['tokens_per_s']:,.0f}", common.gib(r["peak_bytes"]),
+                     common.gib(r["step_bytes"]), f"{r['first_loss']:.5f}"] + ([f"{r['mfu']:.1%}" if "mfu" in r else "?"] if cuda else []))
+    ref = "hf-nf4" if "hf-nf4" in sides else "hf"
+    mine = "ours-nf4" if "ours-nf4" in sides else "ours"
+    rows.append([f"ratio ({mine} / {ref})", f"{res[mine]['step_s'] / res[ref]['step_s']:.2f}x",
+                 f"{res[mine]['tokens_per_s'] / res[ref]['tokens_per_s']:.2f}x",
+                 f"{res[mine]['peak_bytes'] / res[ref]['peak_bytes']:.2f}x",
+                 f"{res[mine]['step_bytes'] / res[ref]['step_bytes']:.2f}x", ""] + ([""] if cuda else []))
+    common.table(rows, header)
+    for t in targets:
+        v = f"{t['value']:.1%}" if "utilisation" in t["target"] else f"{t['value']:.2f}"
+        print(f"  {common.verdict(t['pass'])}  {t['target']}: {v} (goal {t['goal']})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="4-bit base on both sides")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    p.add_argument("--checkpointing", choices=["both", "on", "off"], default=None,
+                   help="activation checkpointing settings to run (default: the profile's)")
+    p.add_argument("--reps", type=int, default=None, help="timed steps per side (default: the profile's)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per side first")
+    p.add_argument("--synthetic", action="store_true",
+                   help="build the weights on the device instead of loading a checkpoint (the 7B default)")
+    p.add_argument("--trace", action="store_true", help="print a torch.profiler table of one step per side")
+    p.add_argument("--json", default=None, help="where to write the results (default bench/results/train_step[_nf4].json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return memory_worker(json.loads(args.worker))
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    profile = PROFILES["smoke" if args.smoke else device.type]
+    settings = {"both": (False, True), "on": (True,), "off": (False,), None: profile.checkpointing}[args.checkpointing]
+    profile = replace(profile, checkpointing=settings, reps=args.reps or profile.reps,
+                      warmup=profile.warmup if args.warmup is None else args.warmup)
+    quantize = args.quantize == "nf4"
+    sides = ["ours-nf4", "hf-nf4", "ours"] if quantize else ["ours", "hf"]
+    synthetic = args.synthetic or (device.type == "cuda" and not quantize and not args.smoke)
+    if quantize and synthetic:
+        p.error("--quantize nf4 loads both sides from a checkpoint; drop --synthetic")
+
+    c = profile.config
+    print(f"train step: {profile.name} profile on {device}; {c.n_layers} layers, hidden {c.hidden_size}, "
+          f"{c.n_heads} heads / {c.n_kv_heads} KV, intermediate {c.intermediate_size}, vocab {c.vocab_size}; "
+          f"batch {profile.batch} x {profile.seq}, loss on the last {profile.loss_tokens} tokens, {profile.dtype}"
+          f"{', NF4 base' if quantize else ''}; LoRA r={profile.rank} on {len(lora.TARGETS)} projections, AdamW")
+    print(f"time: median of {profile.reps} steps after {profile.warmup} warm-up, sides alternating; memory: "
+          + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+             "peak RSS (VmHWM) over the post-import RSS") + f", fresh subprocess per side, {profile.mem_steps} steps")
+    print(f"loss: {LOSS_FN}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+
+    runs, all_targets = [], []
+    with common.tempdir("bench-train-") as tmp:
+        ckpt = None if synthetic else write_checkpoint(replace(c, torch_dtype=profile.dtype), os.path.join(tmp, "ckpt"))
+        for checkpointing in profile.checkpointing:
+            res, traces = measure(profile, sides, device, ckpt, checkpointing, args)
+            targets = targets_for(profile, device, quantize, checkpointing, res)
+            report(profile, sides, checkpointing, res, targets, device)
+            for s, text in traces.items():
+                print(f"\n-- torch.profiler, one step, {SIDE_NAMES[s]}, checkpointing {'on' if checkpointing else 'off'}\n{text}")
+            losses = [res[s]["first_loss"] for s in sides]
+            runs.append({"checkpointing": checkpointing, "sides": res, "targets": targets,
+                         "first_loss_spread": max(losses) - min(losses)})
+            all_targets += targets
+    out = {"benchmark": "train_step", "profile": profile.name, "device": str(device), "quantize": args.quantize,
+           "weights": "synthetic (seeded, built on the device)" if synthetic else "one checkpoint loaded by both",
+           "config": asdict(profile), "loss_fn": LOSS_FN, "machine": common.machine(device),
+           "method": {"time": f"median of {profile.reps} alternating steps after {profile.warmup} warm-up",
+                      "memory": "torch.cuda.max_memory_allocated in a fresh process per side" if device.type == "cuda"
+                      else "VmHWM minus RSS after imports, fresh process per side"},
+           "runs": runs, "targets": all_targets}
+    common.write_json(args.json, "train_step" + ("_nf4" if quantize else "") + ("_smoke" if args.smoke else ""), out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
