@@ -1,0 +1,379 @@
+"""rate.py on tiny random raters: answer parsing, prompts, plumbing and accounting, resume after a
+crash, summaries, and generation equal to model.generate. CPU only, seconds."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import data
+import model as M
+import rate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AXES = ["naturalness", "on_topic"]
+STRATEGIES = list(rate.STRATEGIES)
+CONVERSATIONS = [
+    {"id": "c1", "dataset": "demo", "context": ["Hi, can you recommend a book?"], "response": "Try Dune, it is great."},
+    {"id": "c2", "dataset": "demo", "context": ["What's the capital of France?", "Paris.", "And of Spain?"],
+     "response": "Madrid, since 1561."},
+    {"id": "c3", "dataset": "demo", "context": ["Tell me a joke."], "response": "Why did the chicken cross the road?"},
+    {"id": "c4", "dataset": "demo", "context": [], "response": "Café au lait, s'il vous plaît."},
+]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster than on two when the CPU is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def raters(tmp_path_factory):
+    """Two tiny random raters sharing a SentencePiece tokenizer trained on the prompts themselves."""
+    root = tmp_path_factory.mktemp("raters")
+    text = [rate.rating_prompt(c, a, data.AXES[a], s) for c in CONVERSATIONS for a in AXES
+            for s in rate.STRATEGIES.values()]
+    text += [rate.answer_text(3, "The reply sounds fluent and natural.")] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(text).split("\n")),
+                                   model_prefix=str(root / "sp"), vocab_size=300, hard_vocab_limit=False,
+                                   character_coverage=1.0, required_chars="0123456789", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    paths = []
+    for i, name in enumerate(["rater-a", "rater-b"]):
+        torch.manual_seed(i)
+        cfg = M.Config.from_name("tiny")
+        cfg.vocab_size = spm.SentencePieceProcessor(model_file=str(root / "sp.model")).get_piece_size()
+        path = root / name
+        M.save_model(M.Transformer(cfg), str(path))
+        shutil.copy(root / "sp.model", path / "tokenizer.model")
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def conversations(tmp_path):
+    path = tmp_path / "conversations.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    return str(path)
+
+
+def run_rate(raters, conversations, out, *extra):
+    return rate.main(["--raters", *raters, "--input", conversations, "--out", str(out), "--axes", ",".join(AXES),
+                      "--batch-size", "5", "--max-new-tokens", "12", "--retries", "1", *extra])
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def rating_keys(path):
+    return [(r["id"], x["axis"], x["rater"], x["prompt"], x.get("sample", 0)) for r in lines(path) for x in r["ratings"]]
+
+
+def all_keys(raters, samples=1, axes=AXES):
+    return {(c["id"], a, os.path.basename(r), p, k) for c in CONVERSATIONS for a in axes for r in raters
+            for p in STRATEGIES for k in range(samples)}
+
+
+class StubGenerate:
+    """Stands in for model.generate: a well-formed answer (score = scale - 1) for every prompt, except
+    a score off the scale for prompts containing a word of `always_bad`, and of `bad_greedy` under
+    greedy decoding only (so the sampled retry fixes it); raises after `crash_after` calls."""
+
+    def __init__(self, tok, bad_greedy=(), always_bad=(), crash_after=None):
+        self.tok, self.bad_greedy, self.always_bad, self.crash_after = tok, bad_greedy, always_bad, crash_after
+        self.calls = 0
+
+    def __call__(self, model, prompts, max_new_tokens=32, temperature=0.0, eos_id=None, seed=None, **kw):
+        self.calls += 1
+        if self.crash_after is not None and self.calls > self.crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        out = []
+        for p in prompts:
+            text = self.tok.decode(p)
+            scale = 4 if "from 1 to 4>" in text else 5
+            bad = any(w in text for w in self.always_bad) or temperature == 0 and any(w in text for w in self.bad_greedy)
+            out.append(self.tok.encode(f"Score: {9 if bad else scale - 1}\nExplanation: The reply sounds fluent."))
+        return out
+
+
+def stub(raters, monkeypatch, **kw):
+    gen = StubGenerate(data.Tokenizer(raters[0]), **kw)
+    monkeypatch.setattr(rate, "generate", gen)
+    return gen
+
+
+# ----------------------------------------------------------------------------- parsing
+
+PARSE_CASES = [  # (answer, scale, expected (score, explanation) or an error substring)
+    ("Score: 3\nExplanation: Fluent and friendly.", 4, (3, "Fluent and friendly.")),
+    ("Score: 5\nExplanation: Very natural.", 5, (5, "Very natural.")),
+    ("  score:2 explanation: Repeats itself.  ", 4, (2, "Repeats itself.")),           # one line, lower case
+    ("**Score:** 4/5\n**Explanation:** Clear and idiomatic.", 5, (4, "Clear and idiomatic.")),
+    ("Score: 1 out of 4\nExplanation: Off topic.", 4, (1, "Off topic.")),
+    ("Explanation: Stays on the question.\nScore: 4", 4, (4, "Stays on the question.")),  # either order
+    ("Sure! Score: 2.\nExplanation: Stiff wording.\n\nConversation: B: more text", 5, (2, "Stiff wording.")),
+    ("Score: 3\nExplanation: Good.\nScore: 3", 4, (3, "Good.")),                        # repeated, same value
+    ("Score: 5\nExplanation: Perfect.", 4, "outside 1-4"),
+    ("Score: 0\nExplanation: Bad.", 5, "outside 1-5"),
+    ("Score: -1\nExplanation: Bad.", 5, "outside 1-5"),
+    ("Score: 3.5\nExplanation: Between.", 5, "not a whole number"),
+    ("Score: 3-4\nExplanation: Between.", 5, "range"),
+    ("Score: 3 or 4\nExplanation: Between.", 4, "range"),
+    ("Score: four\nExplanation: Good.", 4, "not a number"),
+    ("Score: 4/10\nExplanation: Good.", 5, "out of 10"),
+    ("Score: 2\nExplanation: Meh.\nScore: 4", 4, "conflicting"),
+    ("Score: 3", 4, "no 'Explanation:'"),
+    ("Score: 3\nExplanation:   ", 5, "empty explanation"),
+    ("Score: 3\nExplanation: 42", 5, "empty explanation"),
+    ("I would rate it 4 because it is fluent.", 5, "no 'Score:'"),
+    ("", 4, "no 'Score:'"),
+]
+
+
+@pytest.mark.parametrize("text,scale,expected", PARSE_CASES)
+def test_parse_rating(text, scale, expected):
+    if isinstance(expected, tuple):
+        assert rate.parse_rating(text, scale) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            rate.parse_rating(text, scale)
+
+
+def test_parse_summary():
+    assert rate.parse_summary("Explanation: Fluent,\n  and natural.\n\nMore.") == "Fluent, and natural."
+    assert rate.parse_summary("  Reads naturally. ") == "Reads naturally."
+    with pytest.raises(ValueError):
+        rate.parse_summary("Explanation: ...")
+
+
+# ----------------------------------------------------------------------------- prompts and options
+
+def test_prompts_show_scale_rubric_and_examples():
+    c = CONVERSATIONS[1]
+    plain = rate.rating_prompt(c, "on_topic", "ADHERENCE", rate.STRATEGIES["scale4"])
+    shown = rate.rating_prompt(c, "on_topic", "ADHERENCE", rate.STRATEGIES["scale5-examples"])
+    assert "ADHERENCE" in plain and "from 1 to 4" in plain and "Rated examples" not in plain
+    assert "from 1 to 5" in shown and "Rated examples" in shown and "Score: 1\nExplanation: Ignores" in shown
+    assert "Response to rate: Madrid, since 1561." in plain  # turns labelled backwards from the response:
+    assert "User: What's the capital" in plain and "Assistant: Paris." in plain and "User: And of Spain?" in plain
+    assert "capital" not in rate.rating_prompt(c, "on_topic", "x", rate.STRATEGIES["scale4"], drop_turns=2)
+
+
+def test_prompts_file_and_unknown_strategy(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"scale3": {"scale": 3, "instructions": "Be strict.", "examples": [
+        {"axis": "naturalness", "context": ["Hi"], "response": "Yo", "score": 2, "explanation": "Curt."}]}}))
+    s = rate.load_strategies(["scale3", "scale5"], str(f))
+    p = rate.rating_prompt(CONVERSATIONS[0], "naturalness", "d", s["scale3"])
+    assert "Be strict." in p and "from 1 to 3" in p and "Score: 2\nExplanation: Curt." in p
+    with pytest.raises(rate.RateError, match="unknown prompting strategy 'scale7'"):
+        rate.load_strategies(["scale7"], str(f))
+    f.write_text(json.dumps({"bad": {"examples": True}}))
+    with pytest.raises(rate.RateError, match="integer 'scale'"):
+        rate.load_strategies(["bad"], str(f))
+
+
+def expect_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        rate.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+def test_bad_inputs_are_one_line_errors(raters, conversations, tmp_path, capsys):
+    out = str(tmp_path / "raw.jsonl")
+    expect_error(capsys, ["--raters", str(tmp_path / "nope"), "--input", conversations, "--out", out], "nope: not a rater folder")
+    expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", out, "--prompts", "scale4,zero-shot"],
+                 "unknown prompting strategy 'zero-shot'")
+    expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", out, "--axes", "humour"],
+                 "unknown axis 'humour'")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CONVERSATIONS[0]) + "\n" + json.dumps({"id": "x", "context": [], "response": ""}) + "\n")
+    expect_error(capsys, ["--raters", raters[0], "--input", str(bad), "--out", out], f"{bad}:2: field 'response'")
+    bad.write_text(json.dumps(CONVERSATIONS[0]) + "\n{not json\n")
+    expect_error(capsys, ["--raters", raters[0], "--input", str(bad), "--out", out], f"{bad}:2: not valid JSON")
+    expect_error(capsys, ["--raters", raters[0], "--input", str(tmp_path / "missing.jsonl"), "--out", out], "no such file")
+    assert not os.path.exists(out)
+
+
+def test_read_jsonl_repairs_only_a_cut_off_last_line(tmp_path):
+    f = tmp_path / "raw.jsonl"
+    f.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "rat')
+    assert [r["id"] for r in rate.read_jsonl(str(f))] == ["a", "b"] and f.read_text().endswith("rat")
+    assert [r["id"] for r in rate.read_jsonl(str(f), repair=True)] == ["a", "b"]
+    assert f.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    f.write_text('{"id": "a"}\n{"id": "b"}')  # complete, but the newline was not written yet
+    assert len(rate.read_jsonl(str(f), repair=True)) == 2 and f.read_text().endswith("}\n")
+    f.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')
+    with pytest.raises(rate.RateError, match="raw.jsonl:2: not valid JSON"):
+        rate.read_jsonl(str(f), repair=True)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_random_raters_all_strategies_accounting(raters, conversations, tmp_path, capsys):
+    out = tmp_path / "raw.jsonl"
+    counts = run_rate(raters, conversations, out)
+    keys = rating_keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters)
+    ratings = [x for r in lines(out) for x in r["ratings"]]
+    for x in ratings:
+        assert x["scale"] == rate.STRATEGIES[x["prompt"]]["scale"]
+        assert (x["score"] is None) == ("error" in x) and (x["score"] is None) != ("explanation" in x)
+    n_failed = sum(x["score"] is None for x in ratings)
+    assert n_failed == sum(n for (_, _, status), n in counts.items() if status == "failed")
+    assert f"({n_failed} failed)" in capsys.readouterr().err
+    run_rate(raters, conversations, out)  # a rerun has nothing left to do
+    assert len(rating_keys(out)) == len(keys)
+    records, _ = data.aggregate(lines(out))
+    assert all(r["id"] in {c["id"] for c in CONVERSATIONS} for r in records)
+    assert data.main(["aggregate", str(out), "-o", str(tmp_path / "train.jsonl")]) == 0  # the command line too
+
+
+def test_stub_answers_are_parsed_retried_and_aggregate(raters, conversations, tmp_path, monkeypatch):
+    gen = stub(raters, monkeypatch, bad_greedy=("Madrid",), always_bad=("chicken",))
+    out = tmp_path / "raw.jsonl"
+    counts = run_rate(raters, conversations, out)
+    by_id = {}
+    for r in lines(out):
+        by_id.setdefault(r["id"], []).extend(r["ratings"])
+        assert {k: r[k] for k in ("dataset", "context", "response")} == {k: c[k] for c in CONVERSATIONS
+                                                                          if c["id"] == r["id"] for k in ("dataset", "context", "response")}
+    assert all(x["score"] == x["scale"] - 1 for i in ("c1", "c2", "c4") for x in by_id[i])  # c2 fixed by a retry
+    assert all(x["score"] is None and "outside" in x["error"] for x in by_id["c3"])       # failed twice: recorded
+    assert sum(n for (_, _, s), n in counts.items() if s == "failed") == len(AXES) * 4 * 2
+    records, _ = data.aggregate(lines(out))
+    labels = {(r["id"], r["axis"]): r["label"] for r in records}
+    assert set(labels) == {(i, a) for i in ("c1", "c2", "c4") for a in AXES}
+    assert all(v == 4 for v in labels.values())  # mean of 3/4 -> 4.0 and 4/5 -> 4
+    assert gen.calls > 0
+
+
+def test_samples_need_temperature_and_are_keyed(raters, conversations, tmp_path, monkeypatch, capsys):
+    expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", str(tmp_path / "r"),
+                          "--samples", "2"], "--temperature")
+    stub(raters, monkeypatch)
+    out = tmp_path / "raw.jsonl"
+    run_rate(raters[:1], conversations, out, "--samples", "2", "--temperature", "0.8")
+    keys = rating_keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters[:1], samples=2)
+
+
+def test_crash_and_rerun_gives_no_duplicates_and_no_gaps(raters, conversations, tmp_path, monkeypatch):
+    ref = tmp_path / "ref.jsonl"
+    stub(raters, monkeypatch, bad_greedy=("Madrid",))
+    run_rate(raters, conversations, ref)
+    out = tmp_path / "raw.jsonl"
+    stub(raters, monkeypatch, bad_greedy=("Madrid",), crash_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_rate(raters, conversations, out)
+    partial = rating_keys(out)
+    assert 0 < len(partial) < len(all_keys(raters))
+    with open(out, "a") as f:  # the crash also left half a line behind
+        f.write('{"id": "c1", "dataset": "demo", "ratings": [{"rater": "rater-a", "pro')
+    stub(raters, monkeypatch, bad_greedy=("Madrid",))
+    run_rate(raters, conversations, out)
+    keys = rating_keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters)
+    scores = lambda p: sorted((k, x["score"]) for k, x in zip(rating_keys(p), [x for r in lines(p) for x in r["ratings"]]))
+    assert scores(out) == scores(ref)
+
+
+def test_sigkill_midway_then_rerun(raters, conversations, tmp_path):
+    out = tmp_path / "raw.jsonl"
+    cmd = [sys.executable, "rate.py", "--raters", raters[0], "--input", conversations, "--out", str(out),
+           "--axes", "naturalness", "--batch-size", "2", "--max-new-tokens", "24", "--retries", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not (out.exists() and out.stat().st_size):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = len(rating_keys(out))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    keys = rating_keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters[:1], axes=["naturalness"])
+    assert killed_after < len(keys)  # it really was killed midway
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def test_summarize_resumes_and_feeds_aggregate(raters, conversations, tmp_path, monkeypatch):
+    out = tmp_path / "raw.jsonl"
+    stub(raters, monkeypatch, always_bad=("chicken",))
+    run_rate(raters, conversations, out)
+    n_lines = len(lines(out))
+
+    def summary_stub(model, prompts, temperature=0.0, **kw):
+        summary_stub.calls += 1
+        if summary_stub.calls == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return [tok.encode("Explanation: Merged: fluent and natural.") for _ in prompts]
+    summary_stub.calls = 0
+    tok = data.Tokenizer(raters[0])
+    monkeypatch.setattr(rate, "generate", summary_stub)
+    argv = ["summarize", "--model", raters[1], "--input", str(out), "--batch-size", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        rate.main(argv)
+    with open(out, "a") as f:
+        f.write('{"id": "c2", "summ')
+    counts = rate.main(argv)
+    assert counts == {"ok": 4, "failed": 0}  # 3 items x 2 axes; the first batch of 2 survived the crash
+    assert rate.main(argv) == {"ok": 0, "failed": 0}
+    new = lines(out)[n_lines:]
+    pairs = [(r["id"], a) for r in new for a in r["summaries"]]
+    assert len(pairs) == len(set(pairs)) and set(pairs) == {(i, a) for i in ("c1", "c2", "c4") for a in AXES}
+    records, _ = data.aggregate(lines(out))
+    assert {r["explanation"] for r in records} == {"Merged: fluent and natural."}
+
+
+def test_summarize_with_a_random_model_to_another_file(raters, conversations, tmp_path, monkeypatch):
+    raw = tmp_path / "raw.jsonl"
+    stub(raters, monkeypatch)
+    run_rate(raters[:1], conversations, raw)
+    monkeypatch.setattr(rate, "generate", M.generate)
+    out = tmp_path / "summarised.jsonl"
+    counts = rate.main(["summarize", "--model", raters[1], "--input", str(raw), "--out", str(out),
+                        "--max-new-tokens", "8"])
+    assert counts["ok"] + counts["failed"] == len(CONVERSATIONS) * len(AXES)
+    assert lines(out)[:len(lines(raw))] == lines(raw)  # --out starts as a copy of the input
+    assert sum(len(r.get("summaries", {})) for r in lines(out)) == counts["ok"]
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_batched_generation_equals_model_generate(raters):
+    model, tok = M.load_model(raters[0]), data.Tokenizer(raters[0])
+    prompts = [rate.fit_prompt(tok, c, "naturalness", "d", rate.STRATEGIES[s], 4096)
+               for c, s in zip(CONVERSATIONS, ["scale4", "scale5-examples", "scale5", "scale4-examples"])]
+    assert len({len(p) for p in prompts}) == 4  # different lengths: the batch is left-padded
+    texts = rate.complete(model, tok, prompts, max_new_tokens=20)
+    for p, text in zip(prompts, texts):
+        alone = M.generate(model, [p], max_new_tokens=20, eos_id=tok.eos_id)[0]
+        assert text == tok.decode(alone)
+    assert any(texts)
+
+
+def test_prompts_longer_than_the_limit_drop_old_turns_then_fail(raters):
+    tok = data.Tokenizer(raters[0])
+    c = CONVERSATIONS[1]
+    full = rate.fit_prompt(tok, c, "naturalness", "d", rate.STRATEGIES["scale4"], 4096)
+    shorter = rate.fit_prompt(tok, c, "naturalness", "d", rate.STRATEGIES["scale4"], len(full) - 1)
+    assert shorter is not None and len(shorter) < len(full)
+    assert rate.fit_prompt(tok, c, "naturalness", "d", rate.STRATEGIES["scale4"], 10) is None
