@@ -9,7 +9,8 @@ changed), at the decision position (the position whose logits give the rating):
     act_entropy          entropy of p_i = h_i^2 / sum_j h_j^2 over the hidden dimensions (nats):
                          log(d) when every dimension carries the same energy, 0 when one carries all
     act_entropy_norm     the same divided by log(d), in [0, 1]
-    act_entropy_response act_entropy_norm averaged over the response's tokens (when data.py gives the span)
+    act_entropy_norm_response  act_entropy_norm averaged over the response's tokens (when data.py
+                         gives each example a response_span)
     lens_entropy         logit lens: final norm + LM head on that layer's state; entropy over the vocabulary
     lens_rating_entropy  ... entropy of the five-way rating distribution (the five rating logits, softmaxed)
     lens_gold_prob       ... the gold rating's probability in that five-way distribution
@@ -46,10 +47,11 @@ import numpy as np
 import torch
 
 import data
+import eval as evaluate
 import lora
-from model import ModelError, apply_rope, load_model
+from model import ModelError, apply_rope
 
-LAYER_METRICS = ("act_entropy", "act_entropy_norm", "act_entropy_response", "lens_entropy",
+LAYER_METRICS = ("act_entropy", "act_entropy_norm", "act_entropy_norm_response", "lens_entropy",
                  "lens_rating_entropy", "lens_gold_prob", "attn_entropy")
 OUTPUT_METRICS = ("top_prob", "rating_entropy", "gold_prob", "correct", "rating_mass")
 N_BOOT = 1000  # bootstrap resamples for every interval
@@ -91,7 +93,7 @@ def decision_attention(attn, x, cos, sin, mask, pos):
     if mask is None:
         allowed = torch.arange(T, device=x.device)[None, :] <= pos[:, None]            # (B, T) causal
     else:
-        allowed = mask[rows, 0, pos][:, :T] if mask.shape[0] == B else mask[0, 0, pos][:, :T]
+        allowed = mask.expand(B, -1, -1, -1)[rows, 0, pos]                               # (B, T)
     return torch.softmax(scores.masked_fill(~allowed[:, None, :], float("-inf")), dim=-1)
 
 
@@ -135,21 +137,21 @@ def measure_batch(model, batch, rating_ids, spans=None):
         final = model(batch["input_ids"], logits_at=pos).float()                       # (B, V)
     h = torch.stack(rec["hidden"], 1)                                                  # (B, L, D)
     lens = model.lm_head(model.model.norm(h)).float()                                 # (B, L, V)
-    rating = torch.log_softmax(lens[..., rating_ids], -1)                               # (B, L, 5)
+    rows = torch.arange(len(pos), device=pos.device)
     attn = torch.stack(rec["attn"], 1)                                                 # (B, L, H, T)
     out = {
         "act_entropy": activation_entropy(h),
         "act_entropy_norm": activation_entropy(h) / math.log(h.shape[-1]),
         "lens_entropy": softmax_entropy(lens),
         "lens_rating_entropy": softmax_entropy(lens[..., rating_ids]),
-        "lens_gold_prob": rating.gather(-1, gold[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1).exp(),
+        "lens_gold_prob": torch.softmax(lens[..., rating_ids], -1)[rows, :, gold],   # (B, L)
         "attn_entropy": -torch.xlogy(attn, attn).sum(-1).mean(-1),
     }
     if spans is not None:
-        out["act_entropy_response"] = torch.stack(rec["span_entropy"], 1)
+        out["act_entropy_norm_response"] = torch.stack(rec["span_entropy"], 1)
     p5 = torch.softmax(final[:, rating_ids], -1)                                        # (B, 5)
     out.update(top_prob=p5.max(-1).values, rating_entropy=softmax_entropy(final[:, rating_ids]),
-               gold_prob=p5.gather(1, gold[:, None]).squeeze(1),
+               gold_prob=p5[rows, gold],
                correct=(p5.argmax(-1) == gold).float(),
                rating_mass=torch.softmax(final, -1)[:, rating_ids].sum(-1))
     return {k: v.cpu().double().numpy() for k, v in out.items()}
@@ -157,46 +159,38 @@ def measure_batch(model, batch, rating_ids, spans=None):
 
 # ----------------------------------------------------------------------------- runs
 
-def load_run(run_dir, checkpoint="best", device="cpu", dtype=None):
-    """(model, tokenizer, train config) of a run folder: its base model plus the adapter in
-    run_dir/<checkpoint> (or, for a --full run, the whole model saved there)."""
-    cfg_path = os.path.join(run_dir, "train_config.json")
-    if not os.path.exists(cfg_path):
-        raise AnalysisError(f"{run_dir}: no train_config.json (not a run folder written by train.py)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    ckpt = os.path.join(run_dir, checkpoint)
-    if not os.path.isdir(ckpt):
-        raise AnalysisError(f"{run_dir}: no checkpoint folder {checkpoint!r}")
+def load_run(run_dir, checkpoint="best", device="auto"):
+    """(model, tokenizer, device, train config) of a run folder: its base model plus the adapter in
+    run_dir/<checkpoint> (best/, or last/ when the run had no validation split)."""
+    cfg = evaluate.read_run_config(run_dir)
     if cfg.get("full"):
-        return load_model(ckpt, device, dtype), data.Tokenizer(ckpt), cfg
-    model = load_model(cfg["model"], device, dtype, quantize=cfg.get("quantize") or None)
-    lora.load_adapter(model, ckpt)
-    return model.eval(), data.Tokenizer(cfg["model"]), cfg
+        raise AnalysisError(f"{run_dir}: a full (pretraining) run has no rating to analyse")
+    ckpt = os.path.join(run_dir, checkpoint)
+    if checkpoint == "best" and not os.path.isdir(ckpt):
+        ckpt = os.path.join(run_dir, "last")
+    if not os.path.isdir(ckpt):
+        raise AnalysisError(f"{ckpt}: no such checkpoint (is the run finished?)")
+    model, tok, device = evaluate.load_scorer(cfg["model"], ckpt, device, cfg.get("quantize"))
+    return model, tok, device, cfg
 
 
 def run_examples(cfg, tok, split="test", n=None):
-    """The examples of one split, built exactly as the run built its training examples."""
-    records = data.load_records(cfg["data"], skip_bad=cfg.get("skip_bad", False),
-                                need_explanation=cfg["variant"] != "label")
-    keep_axes = set(filter(None, cfg.get("axes", "").split(",")))
-    keep_sets = set(filter(None, cfg.get("datasets", "").split(",")))
-    records = [r for r in records if (not keep_axes or r["axis"] in keep_axes)
-               and (not keep_sets or r["dataset"] in keep_sets)]
-    pool = [r for r in records if data.split_of(r["id"]) == "train"]
-    chosen = [r for r in records if data.split_of(r["id"]) == split][:n]
-    if not chosen:
-        raise AnalysisError(f"{cfg['data']}: no records in the {split!r} split")
-    return data.build_examples(chosen, tok, variant=cfg["variant"], order=cfg.get("order", "rating_first"),
-                               template=cfg.get("template", "base"), max_len=cfg.get("max_len", 512),
-                               seed=cfg.get("seed", 0), pool=pool)
+    """The first n examples of one split, built as the run built its training examples: same
+    variant, order, template and length limit (bow draws its words from the training split)."""
+    records = lambda s: evaluate.split_records(cfg["data"], s, cfg["axes"], cfg["datasets"], cfg["skip_bad"])
+    return data.build_examples(records(split)[:n], tok, variant=cfg["variant"], order=cfg["order"],
+                               template=cfg["template"], max_len=cfg["max_len"], seed=cfg["seed"],
+                               pool=records("train") if cfg["variant"] == "bow" else None)
 
 
 @torch.no_grad()
-def analyse_run(run_dir, split="test", n=None, checkpoint="best", batch_size=8, device="cpu", dtype=None):
-    """Per-example measures of one run: {"ids": [...], "variant": ..., metric: array (N, L) or (N,)}."""
-    model, tok, cfg = load_run(run_dir, checkpoint, device, dtype)
+def analyse_run(run_dir, split="test", n=None, checkpoint="best", batch_size=8, device="auto"):
+    """Per-example measures of one run: {"ids": [(id, axis)...], "variant": ..., "order": ...,
+    metric: array (N, n_layers) or (N,)}."""
+    model, tok, device, cfg = load_run(run_dir, checkpoint, device)
     examples = run_examples(cfg, tok, split, n)
+    if not examples:
+        raise AnalysisError(f"{run_dir}: no {split} examples fit in max_len={cfg['max_len']}")
     rating_ids = data.rating_token_ids(tok)
     parts, order = [], []
     for idx in data.batch_indices(examples, batch_size, seed=0, epoch=0):
@@ -277,13 +271,13 @@ def paired_difference(res, base):
 
 # ----------------------------------------------------------------------------- reports
 
-def analyse(runs, out, split="test", n=None, checkpoint="best", batch_size=8, device="cpu", dtype=None):
+def analyse(runs, out, split="test", n=None, checkpoint="best", batch_size=8, device="auto"):
     """Analyse every run, group by variant, write the CSV / JSON (/ PNG) files; returns the JSON dict."""
     results = {}
     for run in runs:
         name = os.path.normpath(run)
         print(f"== {name}", flush=True)
-        results[name] = analyse_run(run, split, n, checkpoint, batch_size, device, dtype)
+        results[name] = analyse_run(run, split, n, checkpoint, batch_size, device)
     by_variant = {}
     for name, res in results.items():
         by_variant.setdefault(res["variant"], []).append(res)
@@ -342,6 +336,7 @@ def plot(report, out):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("(matplotlib is not installed: no plot; the numbers are in per_layer.csv)")
         return None
@@ -356,6 +351,9 @@ def plot(report, out):
             ax.plot(layers, s["mean"], marker="o", ms=3, label=v)
             ax.fill_between(layers, s["lo"], s["hi"], alpha=0.2)
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+    for ax in axes[1]:
         ax.set_xlabel("layer")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -380,19 +378,16 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--out", required=True, help="folder for per_layer.csv, summary.csv, analysis.json, the plot")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's examples")
-    p.add_argument("--n", type=int, default=None, help="use the first N examples of the split (default: all)")
+    p.add_argument("--n", type=int, default=None, help="use only the first N examples of the split (None: all)")
     p.add_argument("--checkpoint", default="best", help="checkpoint folder inside each run (best or last)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
     a = p.parse_args(argv)
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None if a.dtype == "auto" else a.dtype
     try:
         if a.n is not None and a.n < 1:
             raise AnalysisError(f"--n must be at least 1, got {a.n}")
-        analyse(a.runs, a.out, a.split, a.n, a.checkpoint, a.batch_size, device, dtype)
-    except (AnalysisError, ModelError, data.DataError, lora.AdapterError) as e:
+        analyse(a.runs, a.out, a.split, a.n, a.checkpoint, a.batch_size, a.device)
+    except (AnalysisError, evaluate.EvalError, ModelError, data.DataError, lora.AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +16,16 @@ import data
 import model as M
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one thread is faster than OpenMP's fork-join, and much faster
+    when other processes share the cores. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- the measures
@@ -64,21 +75,17 @@ def test_hooked_states_equal_blocks_stepped_by_hand(tmp_path):
     ours, _ = tiny_pair(tmp_path)
     x = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
     pos, rows = torch.tensor([11, 4, 7]), torch.arange(3)
-    with torch.no_grad(), A.capture(ours, pos) as rec:
-        final = ours(x, logits_at=pos)
-        h = ours.model.embed_tokens(x)
+    with torch.no_grad():
+        with A.capture(ours, pos) as rec:
+            final = ours(x, logits_at=pos)
+        assert not ours.model.layers[0]._forward_hooks  # removed on exit
+        h = ours.model.embed_tokens(x)                                                  # (B, T, D)
         cos, sin = M.rope_tables(torch.arange(12).expand(3, 12), ours.config.head_dim, ours.config.rope_theta)
-        by_hand = []
-        for block in ours.model.layers:
+        for i, block in enumerate(ours.model.layers):
             h = block(h, cos, sin, None)
-            by_hand.append(h[rows, pos])
-    # the hooks also fired for the hand-stepped blocks: the first three records are the model's pass
-    assert len(rec["hidden"]) == 6
-    for got, want in zip(rec["hidden"], by_hand):
-        assert torch.equal(got, want)
-    lens_last = ours.lm_head(ours.model.norm(rec["hidden"][2]))
-    assert torch.equal(lens_last, final)  # the last layer's logit lens is the model's own output
-    assert not ours.model.layers[0]._forward_hooks  # hooks removed on exit
+            assert torch.equal(rec["hidden"][i], h[rows, pos])
+        # the last layer's logit lens is the model's own output
+        assert torch.equal(ours.lm_head(ours.model.norm(rec["hidden"][-1])), final)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -104,14 +111,19 @@ def test_measure_batch_is_consistent_with_the_model(tmp_path):
     x = torch.randint(0, 300, (4, 10), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": x, "decision_pos": torch.tensor([9, 3, 6, 9]), "label": torch.tensor([1, 5, 3, 2])}
     rating_ids = [10, 11, 12, 13, 14]
-    m = A.measure_batch(ours, batch, rating_ids)
+    spans = [(2, 9), (0, 3), (4, 5), (1, 10)]
+    m = A.measure_batch(ours, batch, rating_ids, spans)
     assert m["act_entropy"].shape == (4, 3) and m["top_prob"].shape == (4,)
     p5 = torch.softmax(ours(x, logits_at=batch["decision_pos"]).detach()[:, rating_ids], -1).double().numpy()
     assert np.allclose(m["top_prob"], p5.max(1)) and np.allclose(m["gold_prob"], p5[np.arange(4), [0, 4, 2, 1]])
     assert np.allclose(m["lens_rating_entropy"][:, -1], m["rating_entropy"])
     assert np.allclose(m["lens_gold_prob"][:, -1], m["gold_prob"])
     with torch.no_grad():
-        att = hf(x, output_attentions=True).attentions
+        ref = hf(x, output_attentions=True, output_hidden_states=True)
+    for i in range(2):  # the response average: per-token normalised entropy, averaged over the span
+        ent = A.activation_entropy(ref.hidden_states[i + 1]) / math.log(64)
+        assert np.allclose(m["act_entropy_norm_response"][:, i], [ent[b, s:e].mean() for b, (s, e) in enumerate(spans)])
+    att = ref.attentions
     want = [-torch.xlogy(a, a).sum(-1).mean(1)[torch.arange(4), batch["decision_pos"]] for a in att]
     assert np.allclose(m["attn_entropy"], torch.stack(want, 1).numpy(), atol=1e-5)
     assert ((0 < m["rating_mass"]) & (m["rating_mass"] < 1)).all()
@@ -178,10 +190,13 @@ def test_analysis_of_runs_is_deterministic_and_complete(runs, tmp_path, capsys):
         assert (tmp_path / "a" / "entropy_by_layer.png").exists()
     except ImportError:
         assert not (tmp_path / "a" / "entropy_by_layer.png").exists()
+    with pytest.MonkeyPatch.context() as mp:  # without matplotlib: no plot, no error
+        mp.setitem(sys.modules, "matplotlib", None)
+        assert A.plot(first, str(tmp_path / "c")) is None
 
 
 def test_explain_first_run_reads_the_rating_after_the_explanation(runs):
-    model, tok, cfg = A.load_run(runs["expl-first"])
+    model, tok, device, cfg = A.load_run(runs["expl-first"])
     ex = A.run_examples(cfg, tok, "test", n=3)
     for e in ex:  # the decision position predicts the rating, which follows the explanation
         assert e.input_ids[e.decision_pos + 1] in data.rating_token_ids(tok)
