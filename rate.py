@@ -20,9 +20,9 @@ to the raw file batch by batch, so rerunning the same command resumes where a cr
 Left out: aggregation (`data.py aggregate` averages the scores), any API or remote model, chat
 formats other than `[INST]`, and a retry of ratings already recorded as failed (delete their lines
 to redo them). Strategies beyond the four built in come from `--prompts-file`, a JSON object:
-    {"scale3": {"scale": 3, "instructions": "Be strict.",
-                "examples": [{"axis": "naturalness", "context": ["Hi"], "response": "Hello!",
-                              "score": 3, "explanation": "Friendly and fluent."}]}}
+    {"strict5": {"scale": 5, "instructions": "Be strict.",
+                 "examples": [{"axis": "naturalness", "context": ["Hi"], "response": "Hello!",
+                               "score": 4, "explanation": "Friendly and fluent."}]}}
 ("examples": true uses the built-in rated examples, which exist for scales 4 and 5).
 """
 import argparse
@@ -133,7 +133,7 @@ def rating_prompt(record, axis, description, strategy, drop_turns=0):
     """The instruction asking for one score on `strategy`'s scale, with the oldest `drop_turns`
     context turns left out."""
     scale = strategy["scale"]
-    parts = [f"Rate the response in a conversation for {axis}: {description}",
+    parts = [f"Rate the response in a conversation for {axis.replace('_', '-')}: {description}",
              f"Use a whole-number scale from 1 (worst) to {scale} (best). {strategy.get('instructions', '')}".strip()]
     examples = strategy_examples(strategy, axis)
     if examples:
@@ -149,7 +149,7 @@ def rating_prompt(record, axis, description, strategy, drop_turns=0):
 
 def summary_prompt(record, axis, description, label, ratings, drop_turns=0):
     lines = [f"- ({r['score']} on 1-{r['scale']}) {r['explanation']}" for r in ratings]
-    return (f"Several raters judged the response in this conversation for {axis}: {description}\n\n"
+    return (f"Several raters judged the response in this conversation for {axis.replace('_', '-')}: {description}\n\n"
             + conversation_text(record["context"][drop_turns:], record["response"])
             + "\n\nTheir explanations:\n" + "\n".join(lines)
             + f"\n\nThe consensus score is {label} on a scale from 1 to 5. Merge the explanations into one "
@@ -280,7 +280,8 @@ def complete(model, tok, prompts, max_new_tokens, temperature=0.0, seed=None):
 
 def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retries, seed):
     """Generate for every prompt, retrying the ones whose answer does not parse (sampling, seeded).
-    Returns per prompt ("ok", parsed) or ("error", message of the last failure)."""
+    prompts: per item (token ids, parse's second argument), or None for one too long to ask.
+    Returns per item ("ok", parse's result) or ("error", what was wrong with the last answer)."""
     results = [None] * len(prompts)
     todo = [i for i, p in enumerate(prompts) if p is not None]
     for i, p in enumerate(prompts):
@@ -297,7 +298,7 @@ def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retri
             try:
                 results[i] = ("ok", parse(text, prompts[i][1]))
             except ValueError as e:
-                results[i] = ("error", f"{e} (after {attempt + 1} attempts)")
+                results[i] = ("error", f"{e} (attempt {attempt + 1} of {retries + 1})")
                 failed.append(i)
         todo = failed
     return results

@@ -297,7 +297,7 @@ def test_crash_and_rerun_gives_no_duplicates_and_no_gaps(raters, conversations, 
 def test_sigkill_midway_then_rerun(raters, conversations, tmp_path):
     out = tmp_path / "raw.jsonl"
     cmd = [sys.executable, "rate.py", "--raters", raters[0], "--input", conversations, "--out", str(out),
-           "--axes", "naturalness", "--batch-size", "2", "--max-new-tokens", "24", "--retries", "0"]
+           "--axes", "naturalness", "--batch-size", "1", "--max-new-tokens", "32", "--retries", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
