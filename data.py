@@ -1,0 +1,1083 @@
+"""data.py: everything between rating data and the token ids a model trains on.
+
+In the order the data flows:
+  Tokenizer             SentencePiece, as Llama and Mistral use it, plus their [INST] ... [/INST] format
+  import_conversations  the paper's six datasets, from their public files -> conversations (rate.py's input)
+  aggregate             the paper's ensemble step: 12 ratings per item and axis -> one label and explanation
+  load_records          training records (JSONL or CSV), validated; bad input is one line naming
+                        file, line and field: "train.jsonl:7: field 'label': must be an integer 1-5, got 7"
+  build_examples        prompt + target for one of the six variants, tokenised, with the loss mask and
+                        the decision position; collate() pads a batch and does the one input/target shift
+  split_of, batch_indices   hash splits, length-bucketed resumable batches
+  write_demo, train_tokenizer   a synthetic corpus so the whole project runs with no outside data
+
+Prompt and target (Mistral v1 pieces shown for the target; every variant shares the prompt):
+  ...conversation...\nResponse: Fine, thanks.\n\nRating:         <- prompt, ends where the target begins
+  label          " 4</s>"                                        = ['▁', '4', '</s>']
+  rating_first   " 4\nExplanation: Fluent and idiomatic.</s>"    (default; the rating is read in one pass)
+  explain_first  prompt ends "Explanation:", target " Fluent and idiomatic.\nRating: 4</s>"
+The pseudo-explanation variants replace the explanation's tokens with the same number of tokens
+(within 2): its own words shuffled, words drawn from all explanations' unigram distribution, uniformly
+random vocabulary pieces, or one filler piece repeated.
+
+Left out on purpose: downloading anything (point the importers at files you have), the raters
+themselves (rate.py), and model code.
+
+Commands:
+  python data.py validate FILE
+  python data.py aggregate RAW.jsonl -o TRAIN.jsonl [--method mean|median|majority|best] [--golden FILE]
+  python data.py import FORMAT FILE... -o CONVERSATIONS.jsonl [--n N] [--seed S]
+  python data.py preview TRAIN.jsonl --variant explanation --n 3 [--tokenizer PATH]
+  python data.py demo -o demo/
+"""
+import argparse
+import ast
+import csv
+import functools
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from fractions import Fraction
+
+import sentencepiece as spm
+import torch
+
+IGNORE_INDEX = -100  # label of every position that carries no loss: prompt and padding
+AXES = {  # built-in axes and the description each prompt states; users add others with --axes
+    "naturalness": "fluent, idiomatic and human-sounding",
+    "comprehensiveness": "complete and informative",
+    "on_topic": "sticks to the topic of the conversation",
+}
+VARIANTS = ("label", "explanation", "shuffled", "bow", "random", "filler")
+ORDERS = ("rating_first", "explain_first")
+TEMPLATES = ("base", "inst")
+METHODS = ("mean", "median", "majority")
+FILLER = "."  # the filler variant repeats the last piece of encode(FILLER) ('▁.' for Mistral)
+
+
+class DataError(ValueError):
+    """Bad data or arguments; the message is one line naming the file, line and field."""
+
+
+def _h(*parts):
+    """A stable 64-bit hash of the parts (Python's hash() changes between runs)."""
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """SentencePiece model from a tokenizer.model file or a checkpoint folder holding one."""
+
+    def __init__(self, path):
+        file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise DataError(f"{file}: no such tokenizer file")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(file)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{file}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+        self.path, self.vocab_size = file, self.sp.get_piece_size()
+        self.bos_id, self.eos_id, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        # Llama and Mistral define no pad piece; padding is masked anyway, so any valid id will do
+        self.pad_id = next(i for i in (self.sp.pad_id(), unk, self.eos_id, 0) if i >= 0)
+
+    def encode(self, text, bos=False, eos=False):
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def piece(self, i):
+        return self.sp.id_to_piece(int(i))
+
+    def instruct(self, text):
+        """Ids of '<s>[INST] text [/INST]', as Llama-2-chat and Mistral-Instruct expect them.
+        Newer Mistral models have [INST] and [/INST] as control pieces, which text never encodes to."""
+        b, e = self.sp.piece_to_id("[INST]"), self.sp.piece_to_id("[/INST]")
+        if self.sp.is_control(b) and self.sp.is_control(e) and b != e:
+            return [self.bos_id, b] + self.encode(text) + [e]
+        return self.encode(f"[INST] {text} [/INST]", bos=True)
+
+    def ordinary_ids(self):
+        """Ids of ordinary pieces: not control, unknown, byte or unused."""
+        sp = self.sp
+        return [i for i in range(self.vocab_size)
+                if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+
+    def continuation(self, text):
+        """Ids of text that directly follows other text: encode() without SentencePiece's dummy
+        prefix, so '\\nRating:' after a word gives ['<0x0A>', 'R', ...], not ['▁', '<0x0A>', ...]."""
+        ids = self.encode(text)
+        return ids[1:] if ids and not text.startswith(" ") and self.piece(ids[0]) == "▁" else ids
+
+
+def _rating_split(tok):
+    """(p, ids): the five ratings encode as a shared prefix of p tokens and then one distinguishing
+    token each (Mistral: '4' -> ['▁', '4'], so p = 1 and ids are the five digit pieces)."""
+    enc = [tok.encode(str(r)) for r in range(1, 6)]
+    p = 0
+    while all(len(e) > p for e in enc) and len({e[p] for e in enc}) == 1:
+        p += 1
+    ids = [e[p] if len(e) == p + 1 else None for e in enc]
+    if None in ids or len(set(ids)) != 5:
+        raise DataError(f"{tok.path}: ratings 1-5 do not encode as a shared prefix plus one distinct "
+                        f"token each: {[[tok.piece(i) for i in e] for e in enc]}")
+    return p, ids
+
+
+def rating_token_ids(tok):
+    """The five token ids, for ratings 1..5, whose logits at the decision position score a rating."""
+    return _rating_split(tok)[1]
+
+
+def train_tokenizer(corpus_path, out_prefix, vocab_size=2000):
+    """Train a Llama-style SentencePiece BPE model on a text file (seconds); returns the .model path."""
+    spm.SentencePieceTrainer.train(
+        input=corpus_path, model_prefix=out_prefix, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True, required_chars="0123456789",
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2)
+    return out_prefix + ".model"
+
+
+# ------------------------------------------------------------------------------ records and checks
+
+def load_axes(axes=None):
+    """Built-in AXES plus user ones: a dict, or a JSON file {name: description}, or a text file of
+    'name: description' lines."""
+    out = dict(AXES)
+    if isinstance(axes, str):
+        with open(axes, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            axes = json.loads(text)
+        except json.JSONDecodeError:
+            axes = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        axes = {k.strip(): v.strip() for k, v in axes.items()}
+    out.update(axes or {})
+    return out
+
+
+def _fail(field, msg):
+    raise DataError(f"field '{field}': {msg}")
+
+
+def _text(rec, field, optional=False):
+    v = rec.get(field)
+    if v is None and optional:
+        return None
+    if v is None:
+        _fail(field, "missing")
+    if not isinstance(v, str) or not v.strip():
+        _fail(field, f"must be a non-empty string, got {v!r:.40}")
+    return v.strip()
+
+
+def _int(rec, field, lo, hi, what=None):
+    v = rec.get(field)
+    if isinstance(v, str) and v.strip().isdigit():  # CSV cells are strings
+        v = int(v)
+    if v is None:
+        _fail(field, "missing")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        _fail(field, f"must be an integer {lo}-{hi}{what or ''}, got {v!r:.40}")
+    return v
+
+
+def check_record(rec, kind="labelled", *, need_explanation=False, axes=None):
+    """Validate one record and return a normalised copy. Kinds: 'conversation' (id, dataset,
+    context, response), 'labelled' (+ axis, label, explanation), 'raw' (+ ratings, summaries),
+    'golden' (id, axis, label). Raises DataError("field 'x': ...")."""
+    if not isinstance(rec, dict):
+        raise DataError(f"expected a JSON object, got {type(rec).__name__}")
+    axes = axes if isinstance(axes, dict) else load_axes(axes)
+    out = dict(rec)
+    if rec.get("id") is None or str(rec["id"]).strip() == "":
+        _fail("id", "missing")
+    out["id"] = str(rec["id"]).strip()
+    if kind != "golden":
+        out["dataset"] = _text(rec, "dataset", optional=True) or "default"
+        ctx = rec.get("context", [])
+        ctx = [ctx] if isinstance(ctx, str) else ctx
+        if not isinstance(ctx, list):
+            _fail("context", f"must be a string or a list of strings, got {type(ctx).__name__}")
+        for i, turn in enumerate(ctx):
+            if not isinstance(turn, str):
+                _fail("context", f"turn {i + 1} must be a string, got {type(turn).__name__}")
+        out["context"] = [t.strip() for t in ctx if t.strip()]
+        out["response"] = _text(rec, "response")
+    if kind in ("labelled", "golden"):
+        out["axis"] = _text(rec, "axis")
+        if out["axis"] not in axes:
+            _fail("axis", f"unknown axis '{out['axis']}' (known: {', '.join(sorted(axes))}; "
+                          "describe new ones with --axes)")
+        out["label"] = _int(rec, "label", 1, 5)
+    if kind == "labelled":
+        if rec.get("explanation") in (None, "") and not need_explanation:
+            out.pop("explanation", None)
+        else:
+            try:
+                out["explanation"] = _text(rec, "explanation")
+            except DataError as e:
+                raise DataError(f"{e} (the explanation variants need one)") from None
+    if kind == "raw":
+        if not isinstance(rec.get("ratings"), list):
+            _fail("ratings", "must be a list of ratings")
+        out["ratings"] = [_check_rating(r, i, axes) for i, r in enumerate(rec["ratings"])]
+        summ = rec.get("summaries") or {}
+        if not isinstance(summ, dict) or not all(isinstance(v, str) for v in summ.values()):
+            _fail("summaries", "must map axis names to strings")
+    return out
+
+
+def _check_rating(r, i, axes):
+    f = f"ratings[{i}]"
+    if not isinstance(r, dict):
+        _fail(f, f"must be an object, got {type(r).__name__}")
+    try:
+        r = dict(r, rater=_text(r, "rater"), prompt=_text(r, "prompt"), axis=_text(r, "axis"),
+                 scale=_int(r, "scale", 4, 5))
+        if r["axis"] not in axes:
+            _fail("axis", f"unknown axis '{r['axis']}'")
+        if r.get("score") is not None:  # null score = a failed rating, counted but not used
+            r["score"] = _int(r, "score", 1, r["scale"], f" (scale {r['scale']}) or null")
+    except DataError as e:
+        raise DataError(str(e).replace("field '", f"field '{f}.", 1)) from None
+    return r
+
+
+def _rows(path):
+    """(line number, record or DataError) for each record of a .jsonl or .csv file."""
+    if path.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader, line = csv.DictReader(f), 2
+            for row in reader:
+                row = {k: v for k, v in row.items() if v not in (None, "")}
+                if str(row.get("context", "")).startswith("["):
+                    try:
+                        row["context"] = json.loads(row["context"])
+                    except json.JSONDecodeError:
+                        pass  # a plain string that starts with '['
+                yield line, row
+                line = reader.line_num + 1
+        return
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, DataError(f"not valid JSON ({e.msg}, column {e.colno})")
+
+
+def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kind="labelled",
+                 skipped=None):
+    """Read and validate records from a .jsonl or .csv file. The first bad record raises
+    DataError('FILE:LINE: ...'), unless skip_bad: then each bad record is skipped, appended to
+    `skipped` (a list you pass) and counted in one line on stderr. Duplicate (id, axis) pairs are
+    an error (in 'raw' files several lines per id are normal: aggregate() merges them)."""
+    axes, out, seen, bad = load_axes(axes), [], {}, []
+    for line, rec in _rows(path):
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            rec = check_record(rec, kind, need_explanation=need_explanation, axes=axes)
+            key = (rec["id"], rec.get("axis"))
+            if kind != "raw" and key in seen:
+                _fail("id", f"duplicate id '{rec['id']}'" + (f" for axis '{key[1]}'" if key[1] else "")
+                      + f" (first on line {seen[key]})")
+            seen[key] = line
+            out.append(rec)
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{path}:{line}: {e}") from None
+            bad.append(f"{path}:{line}: {e}")
+    if bad:
+        print(f"{path}: skipped {len(bad)} bad records (first: {bad[0]})", file=sys.stderr)
+        if skipped is not None:
+            skipped.extend(bad)
+    if not out:
+        raise DataError(f"{path}: no valid records")
+    return out
+
+
+def _open(path, mode="rt"):
+    if path.endswith(".gz"):
+        return gzip.open(path, mode, encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
+def write_jsonl(records, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# -------------------------------------------------------------------------------------- aggregation
+
+@functools.lru_cache(maxsize=None)
+def rescale(score, scale):
+    """A score on a 1-`scale` scale mapped linearly onto 1-5, exactly (a Fraction)."""
+    return 1 + Fraction(score - 1) * 4 / (scale - 1)
+
+
+def _round_half_up(x):
+    return math.floor(x + Fraction(1, 2))
+
+
+def _mean(values):
+    """Exact mean of Fractions (summing over a common denominator is much faster than sum())."""
+    d = math.lcm(*(v.denominator for v in values))
+    return Fraction(sum(v.numerator * (d // v.denominator) for v in values), d * len(values))
+
+
+def consensus(values, method="mean"):
+    """(unrounded consensus, integer label) of rescaled scores. Majority votes on the scores rounded
+    half up; a tie goes to the tied score nearest the median, then to the lower one."""
+    if method == "mean":
+        c = _mean(values)
+    elif method == "median":
+        c = statistics.median(values)
+    elif method == "majority":
+        votes, med = Counter(_round_half_up(v) for v in values), statistics.median(values)
+        top = max(votes.values())
+        c = Fraction(min((k for k, n in votes.items() if n == top), key=lambda k: (abs(k - med), k)))
+    else:
+        raise DataError(f"unknown aggregation method '{method}' (choose from {', '.join(METHODS)})")
+    return c, _round_half_up(c)
+
+
+def merge_raw(raw_records):
+    """Raw lines with the same id merged into one item: ratings concatenated, summaries combined."""
+    items = {}
+    for r in raw_records:
+        it = items.setdefault(str(r["id"]), {**r, "ratings": [], "summaries": {}})
+        it["ratings"] += r.get("ratings") or []
+        it["summaries"].update(r.get("summaries") or {})
+    return list(items.values())
+
+
+def aggregate(raw_records, method="mean", *, golden=None, max_spread=None):
+    """One training record per (item, axis) from raw ensemble records, as the paper did it.
+    label = consensus of the valid ratings rescaled to 1-5 (see consensus(); method 'best' picks
+    the method with the lowest MAE on `golden`, a {(id, axis): label} dict); explanation = the
+    item's summary for the axis, else the explanation of the rating nearest the consensus (ties by
+    rater, prompt, text). Items whose rescaled scores have a population std dev above max_spread are
+    dropped. Returns (records, report); the report counts ratings per rater and prompt, failures,
+    pairwise rater agreement and, with golden, each method's MAE and MSE."""
+    items = merge_raw(raw_records)
+    groups = []  # (item, axis, valid ratings with their rescaled score)
+    report = {"items": len(items), "valid": 0, "failed": 0, "by_rater": defaultdict(Counter),
+              "by_prompt": defaultdict(Counter), "dropped": Counter()}
+    for it in items:
+        per_axis = defaultdict(list)
+        for r in it["ratings"]:
+            ok = r.get("score") is not None
+            report["valid" if ok else "failed"] += 1
+            report["by_rater"][r["rater"]]["valid" if ok else "failed"] += 1
+            report["by_prompt"][r["prompt"]]["valid" if ok else "failed"] += 1
+            per_axis[r["axis"]].append(r)
+        for axis in sorted(per_axis):
+            valid = [(rescale(r["score"], r["scale"]), r) for r in per_axis[axis] if r.get("score") is not None]
+            if not valid:
+                report["dropped"]["no valid rating"] += 1
+            else:
+                groups.append((it, axis, valid))
+    if golden:
+        report["golden"] = {}
+        for m in METHODS:
+            errs = [consensus([v for v, _ in valid], m)[1] - golden[(it["id"], ax)]
+                    for it, ax, valid in groups if (it["id"], ax) in golden]
+            if errs:
+                report["golden"][m] = {"n": len(errs), "mae": sum(map(abs, errs)) / len(errs),
+                                       "mse": sum(e * e for e in errs) / len(errs)}
+    if method == "best":
+        if not report.get("golden"):
+            raise DataError("--method best needs a golden set that overlaps the raw items")
+        method = min(report["golden"], key=lambda m: (report["golden"][m]["mae"], report["golden"][m]["mse"]))
+    report["method"] = method
+    out, per_rater = [], defaultdict(dict)  # per_rater[(id, axis)][rater] = its mean rescaled score
+    for it, axis, valid in groups:
+        values = [v for v, _ in valid]
+        c, label = consensus(values, method)
+        mean = float(_mean(values))
+        spread = math.sqrt(sum((float(v) - mean) ** 2 for v in values) / len(values))
+        if max_spread is not None and spread > max_spread:
+            report["dropped"]["disagreement"] += 1
+            continue
+        for rater in {r["rater"] for _, r in valid}:
+            mine = [float(v) for v, r in valid if r["rater"] == rater]
+            per_rater[(it["id"], axis)][rater] = sum(mine) / len(mine)
+        rec = {k: it[k] for k in ("id", "dataset", "context", "response") if k in it}
+        rec.update(axis=axis, label=label, mean=round(mean, 4),
+                   spread=round(spread, 4), n_ratings=len(values))
+        summary = (it["summaries"].get(axis) or "").strip()
+        said = [(round(abs(float(v - c)), 9), r["rater"], r["prompt"], r["explanation"].strip())
+                for v, r in valid if (r.get("explanation") or "").strip()]
+        if summary or said:
+            rec["explanation"] = summary or min(said)[3]
+        out.append(rec)
+    report["agreement"] = _agreement(per_rater)
+    report["records"] = len(out)
+    return out, report
+
+
+def _agreement(per_rater):
+    """Pairwise rater agreement over the (item, axis) pairs both rated: mean |difference| and Pearson r."""
+    pairs = defaultdict(list)
+    for scores in per_rater.values():
+        for a in scores:
+            for b in scores:
+                if a < b:
+                    pairs[f"{a} ~ {b}"].append((scores[a], scores[b]))
+    out = {}
+    for name, xy in sorted(pairs.items()):
+        x, y = zip(*xy)
+        r = None
+        if len(xy) > 1 and statistics.pstdev(x) > 0 and statistics.pstdev(y) > 0:
+            r = round(statistics.correlation(x, y), 3)
+        out[name] = {"n": len(xy), "mad": round(sum(abs(a - b) for a, b in xy) / len(xy), 3), "r": r}
+    return out
+
+
+def format_report(rep):
+    lines = [f"{rep['items']} items -> {rep['records']} records (method {rep['method']}); "
+             f"{rep['valid']} valid ratings, {rep['failed']} failed"]
+    for what in ("by_rater", "by_prompt"):
+        for k, c in sorted(rep[what].items()):
+            lines.append(f"  {what[3:]:6} {k:28} {c['valid']:6} valid {c['failed']:5} failed")
+    for k, a in rep["agreement"].items():
+        lines.append(f"  agreement {k}: n={a['n']} mean |diff|={a['mad']} r={a['r']}")
+    for m, g in rep.get("golden", {}).items():
+        lines.append(f"  golden {m:8} n={g['n']} MAE={g['mae']:.3f} MSE={g['mse']:.3f}")
+    for why, n in rep["dropped"].items():
+        lines.append(f"  dropped {n} (item, axis) pairs: {why}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- importers
+
+def _items(path, key=None):
+    """(where, object or DataError) for each item of a JSON list, a {key: [...]} JSON file or JSONL."""
+    with _open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and key in data:
+        data = data[key]
+    if isinstance(data, list):
+        yield from ((f"{path}: item {i}", x) for i, x in enumerate(data))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", DataError(f"not valid JSON ({e.msg})")
+
+
+def _import_arena(paths, seed):
+    for path in paths:
+        for where, x in _items(path):
+            for side in "ab":
+                try:
+                    turns = x[f"conversation_{side}"]
+                    if not turns or turns[-1]["role"] != "assistant":
+                        raise ValueError("must end with an assistant turn")
+                    yield {"id": f"arena-{x['question_id']}-{side}", "dataset": "chatbot-arena",
+                           "context": [t["content"] for t in turns[:-1]], "response": turns[-1]["content"],
+                           "model": x.get(f"model_{side}")}
+                except (KeyError, TypeError, ValueError) as e:
+                    yield f"{where}: conversation_{side}: {_why(e)}"
+
+
+def _import_hh(paths, seed):
+    for path in paths:
+        for where, x in _items(path):
+            for part in ("chosen", "rejected"):
+                try:
+                    # "\n\nHuman: ...\n\nAssistant: ..." -> alternating turns, the last one the response
+                    bits = re.split(r"\n\n(Human|Assistant): ", "\n\n" + x[part].lstrip("\n"))
+                    turns = [(who, said.strip()) for who, said in zip(bits[1::2], bits[2::2])]
+                    if len(turns) < 2 or turns[-1][0] != "Assistant":
+                        raise ValueError("no 'Human:' turn followed by a final 'Assistant:' turn")
+                    yield {"id": f"hh-{part}-{_h(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
+                           "context": [t for _, t in turns[:-1]], "response": turns[-1][1]}
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    yield f"{where}: {part}: {_why(e)}"
+
+
+def _import_amazonqa(paths, seed):
+    for path in paths:
+        for where, x in _items(path):
+            try:
+                q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
+                if not q or not answers:
+                    raise ValueError("empty question or no answers")
+                qid = x.get("qid") or f"{x.get('asin', '')}-{_h(q) % 16**8:08x}"
+                yield {"id": f"amazonqa-{qid}", "dataset": "amazonqa", "context": [q], "response": answers[0]}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                yield f"{where}: {_why(e)}"
+
+
+def _import_coqa(paths, seed):
+    """One conversation per story, cut after a turn chosen by hash(seed, story id)."""
+    for path in paths:
+        for where, x in _items(path, key="data"):
+            try:
+                qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
+                if not qs or len(qs) != len(ans):
+                    raise ValueError(f"{len(qs)} questions but {len(ans)} answers")
+                k = _h(seed, x["id"]) % len(qs)
+                turns = [t for qa in zip(qs[:k], ans[:k]) for t in qa] + [qs[k]]
+                turns[0] = f"{x['story'].strip()}\n\n{turns[0]}"
+                yield {"id": f"coqa-{x['id']}-{k + 1}", "dataset": "coqa", "context": turns, "response": ans[k]}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                yield f"{where}: {_why(e)}"
+
+
+def _import_cornell(paths, seed):
+    """movie_lines.txt + movie_conversations.txt, fields separated by ' +++$+++ ', Latin-1."""
+    by_name = {os.path.basename(p): p for p in paths}
+    if set(by_name) != {"movie_lines.txt", "movie_conversations.txt"}:
+        raise DataError("cornell-movie needs the two files movie_lines.txt and movie_conversations.txt")
+    lines = {}
+    with open(by_name["movie_lines.txt"], encoding="iso-8859-1") as f:
+        for n, row in enumerate(f, 1):
+            fields = row.rstrip("\n").split(" +++$+++ ")
+            if len(fields) != 5:
+                yield f"{by_name['movie_lines.txt']}:{n}: expected 5 fields, got {len(fields)}"
+            else:
+                lines[fields[0]] = fields[4].strip()
+    with open(by_name["movie_conversations.txt"], encoding="iso-8859-1") as f:
+        for n, row in enumerate(f, 1):
+            where = f"{by_name['movie_conversations.txt']}:{n}"
+            fields = row.rstrip("\n").split(" +++$+++ ")
+            try:
+                ids = ast.literal_eval(fields[3]) if len(fields) == 4 else None
+                if not isinstance(ids, list) or len(ids) < 2:
+                    raise ValueError("expected 4 fields ending in a list of at least two line ids")
+                missing = [i for i in ids if not lines.get(i)]
+                if missing:
+                    raise ValueError(f"unknown or empty line id {missing[0]}")
+                yield {"id": f"cornell-{fields[2]}-{ids[0]}", "dataset": "cornell-movie",
+                       "context": [lines[i] for i in ids[:-1]], "response": lines[ids[-1]]}
+            except (ValueError, SyntaxError) as e:
+                yield f"{where}: {_why(e)}"
+
+
+def _why(e):
+    return f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+
+
+IMPORTERS = {"chatbot-arena": _import_arena, "hh-rlhf": _import_hh, "amazonqa": _import_amazonqa,
+             "coqa": _import_coqa, "cornell-movie": _import_cornell}
+
+
+def import_conversations(fmt, paths, *, n=None, seed=0):
+    """Conversation records (id, dataset, context, response) from a public release's own files.
+    Returns (records, problems): each malformed entry is one 'FILE:LINE: ...' string, never dropped
+    silently. With n, keep the n records per dataset with the smallest hash(seed, id): a seedable
+    sample that does not depend on file order. hh-rlhf yields two datasets (chosen, rejected)."""
+    if fmt not in IMPORTERS:
+        raise DataError(f"unknown format '{fmt}' (choose from {', '.join(IMPORTERS)})")
+    records, problems, seen = [], [], set()
+    for x in IMPORTERS[fmt](list(paths), seed):
+        if isinstance(x, str):
+            problems.append(x)
+            continue
+        try:
+            x = check_record(x, "conversation")
+        except DataError as e:
+            problems.append(f"{x['id']}: {e}")
+            continue
+        if x["id"] in seen:
+            problems.append(f"{x['id']}: duplicate conversation, kept the first")
+            continue
+        seen.add(x["id"])
+        records.append(x)
+    if n:
+        keep = set()
+        for ds in {r["dataset"] for r in records}:
+            ids = sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: _h(seed, i))
+            keep.update(ids[:n])
+        records = [r for r in records if r["id"] in keep]
+    return records, problems
+
+
+# ------------------------------------------------------------------------------ prompts and targets
+
+def format_prompt(record, template="base", axes=None, order="rating_first", keep_turns=None):
+    """The prompt text: the axis and the 1-5 scale, the conversation with labelled turns (only the
+    last keep_turns of them, if given), the response, and a cue where the target begins ('Rating:',
+    or 'Explanation:' for explain_first). Turns are labelled User/Assistant backwards from the
+    response, so the turn the response answers is always 'User'."""
+    return _prompt_text(record, load_axes(axes), keep_turns, template, _cue(order))
+
+
+def _cue(order):
+    return "Explanation:" if order == "explain_first" else "Rating:"
+
+
+def _prompt_body(record, axes, keep_turns=None):
+    axis = record["axis"]
+    if axis not in axes:
+        raise DataError(f"record '{record['id']}': no description for axis '{axis}' (use --axes)")
+    ctx = record["context"] if keep_turns is None else record["context"][len(record["context"]) - keep_turns:]
+    turns = [f"{'User' if (len(ctx) - i) % 2 else 'Assistant'}: {t}" for i, t in enumerate(ctx)]
+    return (f"Rate the response's {axis.replace('_', '-')} ({axes[axis]}) from 1 to 5.\n\n"
+            + "".join(t + "\n" for t in turns) + f"Response: {record['response']}")
+
+
+def _prompt_text(record, axes, keep_turns, template, cue):
+    body = _prompt_body(record, axes, keep_turns)
+    return f"[INST] {body} [/INST] {cue}" if template == "inst" else f"{body}\n\n{cue}"
+
+
+def _prompt_ids(tok, record, axes, keep_turns, template, cue):
+    if template == "inst":
+        return tok.instruct(_prompt_body(record, axes, keep_turns)) + tok.encode(cue)
+    return tok.encode(_prompt_text(record, axes, keep_turns, template, cue), bos=True)
+
+
+class _Pseudo:
+    """Makes the explanation tokens of each variant. Every random choice uses its own generator
+    seeded by hash(seed, id, axis), so an example never depends on the other records or their order."""
+
+    def __init__(self, tok, variant, seed, pool):
+        self.tok, self.variant, self.seed = tok, variant, seed
+        if variant == "bow":  # unigram distribution of all explanations' words
+            counts = Counter(w for r in pool if r.get("explanation") for w in r["explanation"].split())
+            self.words = sorted(counts)
+            self.cum = list(itertools.accumulate(counts[w] for w in self.words))
+            self.cost = {w: len(tok.encode(w)) for w in self.words}
+        if variant == "random":
+            self.ordinary = tok.ordinary_ids()
+        self.filler = tok.encode(FILLER)[-1]
+
+    def __call__(self, rec, real_ids):
+        v, rng, n = self.variant, random.Random(_h(self.seed, rec["id"], rec["axis"])), len(real_ids)
+        words = " ".join(rec["explanation"].split()).split()
+        if v == "explanation":
+            return real_ids
+        if v == "shuffled":  # same words in a new order; SentencePiece encodes each word alone,
+            rng.shuffle(words)  # so the token count is unchanged
+            return self.tok.encode(" ".join(words))
+        if v == "bow":  # draw words until the token count reaches n, never passing n + 2
+            out, total = [], 0
+            for _ in range(100 * n):
+                if total >= n:
+                    break
+                w = rng.choices(self.words, cum_weights=self.cum)[0]
+                if total + self.cost[w] <= n + 2:
+                    out.append(w)
+                    total += self.cost[w]
+            return self.tok.encode(" ".join(out))
+        if v == "random":
+            return [rng.choice(self.ordinary) for _ in range(n)]
+        return [self.filler] * n  # filler
+
+
+@dataclass
+class Example:
+    id: str
+    dataset: str
+    axis: str
+    label: int
+    input_ids: list  # prompt + target token ids, starting with BOS
+    labels: list  # unshifted: labels[i] == input_ids[i] on target tokens, IGNORE_INDEX on the prompt
+    decision_pos: int  # the logits at this position predict the token that tells the ratings apart
+    n_prompt: int  # number of prompt tokens (BOS included)
+
+
+def build_examples(records, tok, variant="label", *, order="rating_first", template="base",
+                   max_len=512, seed=0, axes=None, pool=None):
+    """Tokenised examples of one variant. Target = rating and (except for 'label') the explanation
+    tokens of the variant, then EOS; loss is on the target only. The prompt is identical in every
+    variant: when an example would exceed max_len, the oldest turns are dropped as if the target
+    were the real explanation plus 2 tokens, so no variant's prompt differs. A record whose prompt is
+    too long even without context is dropped (reported on stderr). `pool` = the records whose
+    explanations give the bow word distribution (default: `records`; pass the training records when
+    building validation examples)."""
+    for name, value, allowed in (("variant", variant, VARIANTS), ("order", order, ORDERS),
+                                 ("template", template, TEMPLATES)):
+        if value not in allowed:
+            raise DataError(f"unknown {name} '{value}' (choose from {', '.join(allowed)})")
+    axes = load_axes(axes)
+    if variant != "label":
+        missing = [r["id"] for r in records if not r.get("explanation")]
+        if missing:
+            raise DataError(f"variant '{variant}' needs an explanation on every record; "
+                            f"{len(missing)} have none (first: '{missing[0]}')")
+    order = order if variant != "label" else "rating_first"
+    p, _ = _rating_split(tok)
+    seps = {"rating_first": tok.continuation("\nExplanation:"), "explain_first": tok.continuation("\nRating:")}
+    pseudo = _Pseudo(tok, variant, seed, records if pool is None else pool)
+    out, too_long = [], []
+    for rec in records:
+        rating = tok.encode(str(rec["label"]))
+        real = tok.encode(" ".join(rec["explanation"].split())) if rec.get("explanation") else None
+        # the longest target any variant can have for this record fixes the prompt's budget
+        budget = len(rating) + 1 + (0 if real is None else max(map(len, seps.values())) + len(real) + 2)
+        n_turns = len(rec["context"])
+        while True:
+            prompt = _prompt_ids(tok, rec, axes, n_turns, template, _cue(order))
+            if len(prompt) + budget <= max_len or n_turns == 0:
+                break
+            n_turns -= 1
+        if len(prompt) + budget > max_len:
+            too_long.append(rec["id"])
+            continue
+        if variant == "label":
+            target, pos = rating + [tok.eos_id], len(prompt) + p - 1
+        elif order == "rating_first":
+            target, pos = rating + seps[order] + pseudo(rec, real) + [tok.eos_id], len(prompt) + p - 1
+        else:
+            head = pseudo(rec, real) + seps[order]
+            target, pos = head + rating + [tok.eos_id], len(prompt) + len(head) + p - 1
+        out.append(Example(rec["id"], rec["dataset"], rec["axis"], rec["label"], prompt + target,
+                           [IGNORE_INDEX] * len(prompt) + target, pos, len(prompt)))
+    if too_long:
+        print(f"data.py: dropped {len(too_long)} records longer than max_len={max_len} even without "
+              f"context (first: '{too_long[0]}')", file=sys.stderr)
+    return out
+
+
+def collate(examples, pad_id):
+    """Right-padded batch tensors. targets[:, t] is the token the logits at t must predict (labels
+    shifted left by one) or IGNORE_INDEX: the one place in the project where the shift happens."""
+    B, T = len(examples), max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        targets[i, :n - 1] = torch.tensor(e.labels[1:])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask,
+            "decision_pos": torch.tensor([e.decision_pos for e in examples]),
+            "label": torch.tensor([e.label for e in examples])}
+
+
+def split_of(record_id, val=0.1, test=0.2):
+    """'train', 'val' or 'test' from a hash of the id alone: adding, removing or reordering records
+    never moves one, and every variant and seed sees the same test items."""
+    u = _h("split", record_id) / 2**64
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def batch_indices(examples, batch_size, seed, epoch):
+    """Batches of example indices for one epoch: shuffled, then sorted by length within chunks of
+    64 batches (little padding), then the batches shuffled. A pure function of (seed, epoch), so a
+    run resumes mid-epoch by skipping the batches it has done."""
+    rng = random.Random(_h("batches", seed, epoch))
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    batches, chunk = [], 64 * batch_size
+    for s in range(0, len(order), chunk):
+        part = sorted(order[s:s + chunk], key=lambda i: len(examples[i].input_ids))
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# -------------------------------------------------------------------------------------- demo corpus
+# A synthetic stand-in for the paper's data. Each response has four hidden binary cues per axis and
+# its true rating on an axis is 1 + the number of good cues there, so no single word decides it.
+# Simulated raters score it noisily and explain it by naming the cues they noticed, in varied words.
+CUES = {"naturalness": ("fluent", "no_repeat", "human", "complete"),
+        "comprehensiveness": ("detail1", "detail2", "reason", "example"),
+        "on_topic": ("topic", "asked", "focus", "closing")}
+# per topic: "noun:goal" pairs (the goal names the noun), advice, reasons, examples
+TOPICS = {
+    "cooking": ("soup:thicken a soup|bread:bake softer bread|pasta:stop pasta sticking",
+                "stir in flour|simmer it longer|use a heavy pot|salt it at the end",
+                "slow heat builds flavour|starch binds the liquid", "lentil soup thickens fast|my aunt rests her dough"),
+    "gardening": ("roses:keep roses healthy|tomatoes:grow bigger tomatoes|lawn:fix a patchy lawn",
+                  "water in the morning|add compost|cut dead leaves|give them sun",
+                  "roots drink before the heat|compost feeds the soil",
+                  "my neighbour doubled her harvest|old gardeners swear by it"),
+    "travel": ("train:book a cheap train|passport:renew a passport fast|hotel:find a quiet hotel",
+               "book 6 weeks ahead|use the official site|travel midweek|read recent reviews",
+               "prices climb near the date|midweek is less busy", "my Rome ticket was half price|my cousin waited 5 days"),
+    "music": ("guitar:tune a guitar by ear|piano:learn piano faster|song:write a first song",
+              "practise 15 minutes daily|start with the low string|record yourself|learn three chords",
+              "daily practice builds memory|the low string sets the pitch",
+              "most pop songs use four chords|my teacher did this"),
+    "fitness": ("running:start running again|knees:protect sore knees|sleep:sleep better after sport",
+                "walk before you run|stretch for 5 minutes|rest every third day|drink more water",
+                "muscles grow during rest|warm joints bend easily", "I reached 10 kilometres in a month|coaches plan rest days"),
+    "computers": ("laptop:speed up a laptop|photos:back up photos|password:pick a strong password",
+                  "remove unused programs|keep two copies|use a password manager|restart it weekly",
+                  "idle programs still run|one copy is never enough",
+                  "my laptop boots in 30 seconds|a friend lost 3 years of photos"),
+    "pets": ("puppy:teach a puppy to sit|cat:stop a cat scratching|fish:keep a fish tank clean",
+             "reward it at once|offer a scratching post|change some water weekly|keep lessons short",
+             "pets link rewards to actions|cats scratch to mark space", "our puppy learned in 3 days|a post saved my sofa"),
+    "money": ("budget:keep to a budget|savings:build savings|debt:clear a credit card debt",
+              "write down every purchase|save on payday|pay the highest rate first|cancel unused subscriptions",
+              "small costs add up|interest grows fastest on high rates",
+              "I found 40 pounds a month|my sister cleared hers in a year"),
+}
+PHRASES = {  # cue -> (verb phrases when good, when bad); explanations say "The reply <phrases>, but it <phrases>."
+    "fluent": ("reads fluently|has clean grammar", "has scrambled word order|jumbles a sentence"),
+    "no_repeat": ("says each thing once|avoids repetition", "repeats a sentence|says the same thing twice"),
+    "human": ("sounds like a real person|has a warm tone", "sounds robotic|opens like a machine"),
+    "complete": ("ends cleanly|finishes its thought", "trails off at the end|stops mid-sentence"),
+    "reason": ("explains why it works|gives a reason", "never says why|gives no reason"),
+    "example": ("includes an example|backs it up with an example", "has no example|lacks a concrete example"),
+    "topic": ("fits the subject|stays on the subject", "drifts to another subject|gives advice on something else"),
+    "asked": ("answers the actual question|addresses what was asked", "mixes up what was asked|answers about the wrong thing"),
+    "focus": ("stays focused|has no digressions", "wanders off on a tangent|adds an unrelated aside"),
+    "closing": ("closes on the question|wraps up on point", "ends with an off-topic question|closes on something unrelated"),
+    "details": ("gives two extra tips|adds several concrete steps", "adds only one extra tip|gives just one more step",
+                "gives no extra detail|stops after a single tip"),  # 2, 1, 0 extra details
+}
+DEMO_SETS = {  # dataset -> (id prefix, probability that each cue is good on each axis)
+    "chatbot-arena": ("arena", (0.6, 0.6, 0.6)), "hh-rlhf-chosen": ("hhc", (0.8, 0.7, 0.8)),
+    "hh-rlhf-rejected": ("hhr", (0.45, 0.35, 0.4)), "amazonqa": ("aqa", (0.65, 0.45, 0.7)),
+    "coqa": ("coqa", (0.7, 0.5, 0.75)), "cornell-movie": ("movie", (0.5, 0.5, 0.45))}
+RATERS = (("sim-titan", 0.35, 0.7, 0.7), ("sim-mixtral", 0.0, 0.5, 0.9), ("sim-mistral", -0.3, 0.8, 0.6))
+PROMPTS = (("scale4", 4, 1.0), ("scale4-examples", 4, 0.7), ("scale5", 5, 1.0), ("scale5-examples", 5, 0.7))
+NAMES = ("Anna", "Ben", "Carla", "Dev", "Elif", "Femi", "Greta", "Hugo")
+
+
+def _pick(rng, choices):
+    return rng.choice(choices.split("|") if isinstance(choices, str) else choices)
+
+
+def _demo_item(rng, dataset, probs):
+    """One conversation with hidden cues: (context, response, topic, cues)."""
+    topic, other, third = rng.sample(sorted(TOPICS), 3)
+    noun, goal = _pick(rng, TOPICS[topic][0]).split(":")
+    cues = {c: rng.random() < p for axis, p in zip(CUES, probs) for c in CUES[axis]}
+    name = rng.choice(NAMES)
+    context = {
+        "chatbot-arena": [f"I have a question about my {noun}.", "Sure, go ahead."] * (rng.random() < 0.5)
+        + [_pick(rng, f"How can I {goal}?|What is the best way to {goal}?|Any tips to {goal}?")],
+        "hh-rlhf-chosen": [_pick(rng, f"I want to {goal}. What should I do?|Can you tell me how to {goal}?")],
+        "amazonqa": [f"Will this kit help me {goal}?"],
+        "coqa": [f"{name} wanted to {goal} and asked a friend.\n\nHow can {name} {goal}?"],
+        "cornell-movie": [f"{name}, I must {goal} tonight.", "Why tonight?", f"Just tell me how to {goal}."],
+    }[dataset.replace("rejected", "chosen")]
+    src = TOPICS[topic if cues["topic"] else other]  # where the advice comes from
+    nouns = [x.split(":")[0] for x in src[0].split("|")]
+    asked = noun if cues["asked"] else rng.choice([n for n in nouns if n != noun])
+    advice = rng.sample(src[1].split("|"), 3)
+    main = f"For your {asked}, {advice[0]}."
+    if not cues["fluent"]:
+        words = main.lower().rstrip(".").split()
+        while " ".join(words) == main.lower().rstrip("."):
+            rng.shuffle(words)
+        main = " ".join(words) + "."
+    out = [_pick(rng, "Sure!|Good question.|Happy to help.|Oh, nice one." if cues["human"] else
+                 "QUERY RECEIVED.|Processing request. Output follows.|RESPONSE MODE ACTIVE."), main]
+    out += [f"{_pick(rng, 'Also,|Then|Next,')} {a}." for a in advice[1:1 + cues["detail1"] + cues["detail2"]]]
+    if cues["reason"]:
+        out.append(f"{_pick(rng, 'This works because|That helps since')} {_pick(rng, src[2])}.")
+    if cues["example"]:
+        out.append(f"{_pick(rng, 'For example,|For instance,')} {_pick(rng, src[3])}.")
+    if not cues["no_repeat"]:
+        out.append(main)
+    other_noun = _pick(rng, TOPICS[third][0]).split(":")[0]
+    if not cues["focus"]:
+        out.append(_pick(rng, [f"By the way, I love {other_noun}.", f"Unrelated, but {other_noun} is my favourite thing."]))
+    out.append(_pick(rng, [f"Good luck with the {noun}!", f"Hope the {noun} works out."] if cues["closing"] else
+                     [f"Anyway, do you like {other_noun}?", f"Have you ever tried {other_noun}?"]))
+    if not cues["complete"]:
+        out.append(_pick(rng, "and then the|so if you|but the the|which is why"))
+    return context, " ".join(out), topic, cues
+
+
+def _demo_explanation(rng, axis, cues, mention=1.0, flip=0.0):
+    """An explanation naming the cues behind a rating, each mentioned with probability `mention`
+    and stated the wrong way round with probability `flip`."""
+    names = [c for c in CUES[axis] if not c.startswith("detail")] + (["details"] if axis == "comprehensiveness" else [])
+    good, bad = [], []
+    for c in rng.sample(names, len(names)):
+        if rng.random() >= mention:
+            continue
+        ok = cues["detail1"] + cues["detail2"] if c == "details" else int(cues[c])
+        ok = (2 - ok if c == "details" else 1 - ok) if rng.random() < flip else ok
+        phrase = _pick(rng, PHRASES[c][::-1][ok] if c == "details" else PHRASES[c][1 - ok])
+        (good if ok == (2 if c == "details" else 1) else bad).append(phrase)
+    join = lambda xs: ", ".join(xs[:-1]) + " and " + xs[-1] if len(xs) > 1 else xs[0]
+    subject = _pick(rng, "The reply|This response|The answer|It")
+    if good and bad:
+        return f"{subject} {join(good)}, but it {join(bad)}."
+    return f"{subject} {join(good or bad or [_pick(rng, 'is hard to judge|is unclear')])}."
+
+
+def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=2000):
+    """Write the demo corpus into out_dir and return the paths: conversations.jsonl (rate.py's
+    input), raw.jsonl (3 simulated raters x 4 prompts x 3 axes, one line per rater and item, plus
+    summaries), train.jsonl (aggregate() of raw.jsonl; split_of() splits it), golden.jsonl (true
+    labels of ~10% of items), corpus.txt (unlabelled text for a tokenizer and a tiny base model) and
+    tokenizer.model (train_tokenizer on corpus.txt). Deterministic for a seed."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(_h("demo", seed))
+    convs, golden, summaries = [], [], []
+    raw = [[] for _ in RATERS]  # per rater, one line per item with its 12 ratings
+    for dataset, (prefix, probs) in DEMO_SETS.items():
+        for i in range(n_per_dataset):
+            context, response, topic, cues = _demo_item(rng, dataset, probs)
+            conv = {"id": f"{prefix}-{i:04d}", "dataset": dataset, "context": context, "response": response}
+            convs.append(conv)
+            lines = [{**conv, "ratings": []} for _ in RATERS]
+            for axis, names in CUES.items():
+                truth = 1 + sum(cues[c] for c in names)
+                if _h("golden", conv["id"]) % 10 == 0:
+                    golden.append({"id": conv["id"], "axis": axis, "label": truth})
+                for k, (rater, bias, noise, mention) in enumerate(RATERS):
+                    for prompt, scale, calm in PROMPTS:
+                        v = truth + bias + rng.gauss(0, noise * calm)
+                        score = min(scale, max(1, round(1 + (v - 1) * (scale - 1) / 4)))
+                        r = {"rater": rater, "prompt": prompt, "axis": axis, "scale": scale, "score": score,
+                             "explanation": _demo_explanation(rng, axis, cues, mention, flip=0.05)}
+                        if rng.random() < 0.015:
+                            r.update(score=None, explanation="", error="unparseable reply")
+                        lines[k]["ratings"].append(r)
+            for k, line in enumerate(lines):
+                raw[k].append(line)
+            if rng.random() < 0.9:  # the LLM summary of the 12 explanations: every cue, stated right
+                summaries.append({**conv, "ratings": [], "summaries": {
+                    axis: _demo_explanation(rng, axis, cues) for axis in CUES}})
+    raw = [line for rater_lines in raw for line in rater_lines] + summaries
+    paths = {k: os.path.join(out_dir, f"{k}.jsonl") for k in ("conversations", "raw", "train", "golden")}
+    write_jsonl(convs, paths["conversations"])
+    # rate.py appends one line per rater and item; summaries come last, from 'rate.py summarize'
+    write_jsonl(raw, paths["raw"])
+    write_jsonl(golden, paths["golden"])
+    write_jsonl(aggregate(load_records(paths["raw"], kind="raw"))[0], paths["train"])
+    # unlabelled text: fresh conversations in the prompts' layout, and explanation-style sentences
+    # about no conversation in particular (so the base model knows the words, not the task)
+    paths["corpus"] = os.path.join(out_dir, "corpus.txt")
+    crng = random.Random(_h("corpus", seed))
+    with open(paths["corpus"], "w", encoding="utf-8") as f:
+        for i in range(n_corpus):
+            dataset = crng.choice(sorted(DEMO_SETS))
+            context, response, _, cues = _demo_item(crng, dataset, DEMO_SETS[dataset][1])
+            rec = {"id": str(i), "axis": crng.choice(sorted(AXES)), "context": context, "response": response}
+            f.write(_prompt_body(rec, AXES) + "\n\n")
+            f.write(_demo_explanation(crng, rec["axis"], {c: crng.random() < 0.5 for c in cues}) + "\n\n")
+    paths["tokenizer"] = train_tokenizer(paths["corpus"], os.path.join(out_dir, "tokenizer"), vocab_size)
+    return paths
+
+
+# ------------------------------------------------------------------------------------- command line
+
+def _preview(args):
+    tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.file)), "tokenizer.model")
+    if not os.path.exists(tok_path):
+        raise DataError("preview needs --tokenizer PATH (a tokenizer.model or a model folder)")
+    tok = Tokenizer(tok_path)
+    records = load_records(args.file, need_explanation=args.variant != "label", axes=args.axes)
+    examples = build_examples(records, tok, args.variant, order=args.order, template=args.template,
+                              max_len=args.max_len, seed=args.seed, axes=args.axes)
+    cand = rating_token_ids(tok)
+    for e in examples[:args.n]:
+        d, ids = e.decision_pos, e.input_ids
+        print(f"=== {e.id} ({e.dataset}, {e.axis}, label {e.label}, split {split_of(e.id)}): "
+              f"{e.n_prompt} prompt + {len(ids) - e.n_prompt} target tokens")
+        # decode prefixes of the whole sequence (decoding a piece alone would lose its leading space)
+        prompt, upto, full = (tok.decode(ids[:k]) for k in (e.n_prompt, d + 1, len(ids)))
+        print(f"{prompt}⟦{upto[len(prompt):]}▶{full[len(upto):]}⟧")
+        print(f"--- decision position {d} (token {tok.piece(ids[d])!r}) predicts {tok.piece(ids[d + 1])!r}; "
+              f"candidates {[tok.piece(i) for i in cand]} = ids {cand}\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="check a training, conversation or raw file; list every bad record")
+    p.add_argument("file")
+    p.add_argument("--need-explanation", action="store_true", help="every record must have an explanation")
+    p.add_argument("--axes", help="JSON or 'name: description' file describing extra axes")
+    p = sub.add_parser("aggregate", help="raw ensemble ratings -> one training record per (item, axis)")
+    p.add_argument("raw")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--method", default="mean", choices=METHODS + ("best",),
+                   help="mean of scores rescaled to 1-5 (the paper's choice), median, majority, or best on --golden")
+    p.add_argument("--golden", help="records (id, axis, label) with trusted labels: prints each method's MAE/MSE")
+    p.add_argument("--max-spread", type=float, help="drop items whose rescaled scores' std dev exceeds this")
+    p.add_argument("--axes", help="JSON or 'name: description' file describing extra axes")
+    p = sub.add_parser("import", help="a public dataset's own files -> conversations.jsonl (input of rate.py)")
+    p.add_argument("format", choices=sorted(IMPORTERS))
+    p.add_argument("files", nargs="+")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--n", type=int, help="keep a seeded sample of N conversations per dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("preview", help="print prompts and targets of a variant, decision position marked ▶")
+    p.add_argument("file")
+    p.add_argument("--variant", default="explanation", choices=VARIANTS)
+    p.add_argument("--order", default="rating_first", choices=ORDERS)
+    p.add_argument("--template", default="base", choices=TEMPLATES)
+    p.add_argument("--n", type=int, default=3)
+    p.add_argument("--tokenizer", help="tokenizer.model or model folder (default: tokenizer.model beside FILE)")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--axes", help="JSON or 'name: description' file describing extra axes")
+    p = sub.add_parser("demo", help="write the synthetic demo corpus (conversations, raw, train, corpus, tokenizer)")
+    p.add_argument("-o", "--out", default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-per-dataset", type=int, default=150)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "validate":
+            with _open(args.file) as f:
+                first = next((json.loads(x) for x in f if x.strip()), {}) if not args.file.endswith(".csv") else {}
+            kind = "raw" if "ratings" in first else "labelled" if "label" in first or args.file.endswith(".csv") else "conversation"
+            bad = []
+            recs = load_records(args.file, kind=kind, skip_bad=True, skipped=bad,
+                                need_explanation=args.need_explanation, axes=args.axes)
+            for b in bad:
+                print(f"error: {b}", file=sys.stderr)
+            settings = Counter((r["dataset"], r.get("axis", "-")) for r in recs)
+            print(f"{args.file}: {len(recs)} valid {kind} records, {len(bad)} bad; "
+                  f"{len(settings)} (dataset, axis) settings")
+            return 2 if bad else 0
+        if args.cmd == "aggregate":
+            golden = None
+            if args.golden:
+                golden = {(r["id"], r["axis"]): r["label"] for r in load_records(args.golden, kind="golden", axes=args.axes)}
+            records, report = aggregate(load_records(args.raw, kind="raw", axes=args.axes), args.method,
+                                        golden=golden, max_spread=args.max_spread)
+            write_jsonl(records, args.out)
+            print(format_report(report) + f"\nwrote {args.out}")
+        elif args.cmd == "import":
+            records, problems = import_conversations(args.format, args.files, n=args.n, seed=args.seed)
+            for msg in problems:
+                print(f"warning: {msg}", file=sys.stderr)
+            write_jsonl(records, args.out)
+            print(f"wrote {len(records)} conversations to {args.out} ({len(problems)} entries skipped, listed above)")
+        elif args.cmd == "preview":
+            _preview(args)
+        elif args.cmd == "demo":
+            paths = write_demo(args.out, seed=args.seed, n_per_dataset=args.n_per_dataset)
+            print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
