@@ -39,7 +39,7 @@ from functools import partial
 import torch
 
 import data
-from model import ModelError, generate, load_model
+from model import DTYPES, ModelError, generate, load_model
 
 # ----------------------------------------------------------------------------- defaults
 BATCH_SIZE = 8            # prompts generated together (left-padded, one KV cache)
@@ -261,8 +261,6 @@ def read_jsonl(path, repair=False):
 
 def append_lines(path, records):
     """Append records as JSON lines in one write, flushed to disk: a crash loses at most this batch."""
-    if not records:
-        return
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
@@ -282,11 +280,8 @@ def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retri
     """Generate for every prompt, retrying the ones whose answer does not parse (sampling, seeded).
     prompts: per item (token ids, parse's second argument), or None for one too long to ask.
     Returns per item ("ok", parse's result) or ("error", what was wrong with the last answer)."""
-    results = [None] * len(prompts)
+    results = [("error", "prompt too long even without context turns") if p is None else None for p in prompts]
     todo = [i for i, p in enumerate(prompts) if p is not None]
-    for i, p in enumerate(prompts):
-        if p is None:
-            results[i] = ("error", "prompt too long even without context turns")
     for attempt in range(retries + 1):
         if not todo:
             break
@@ -397,21 +392,20 @@ def rate_with(path, name, jobs, axes, strategies, args, counts):
         torch.cuda.empty_cache()  # the next rater needs the memory
 
 
-def chosen_axes(names, path=None):
-    known = known_axes(path)
-    axes = {a.strip(): known.get(a.strip()) for a in names.split(",") if a.strip()}
-    for a, d in axes.items():
-        if d is None:
-            raise RateError(f"unknown axis {a!r}: describe it in --axes-file (known: {', '.join(known)})")
-    return axes
-
-
 def known_axes(path=None):
     """data.AXES plus the axes described in `path` (JSON {axis: description} or 'axis: description' lines)."""
     try:
         return data.load_axes(path)
     except (OSError, ValueError) as e:
         raise RateError(f"{path}: cannot read axis descriptions ({e})") from None
+
+
+def chosen_axes(names, path=None):
+    known = known_axes(path)
+    for a in names.split(","):
+        if a.strip() not in known:
+            raise RateError(f"unknown axis {a.strip()!r}: describe it in --axes-file (known: {', '.join(known)})")
+    return {a.strip(): known[a.strip()] for a in names.split(",")}
 
 
 # ----------------------------------------------------------------------------- summarize
@@ -490,11 +484,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", choices=["nf4"], help="load the model's linear layers in 4 bits")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on cpu, else bfloat16)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, else bfloat16")
     args = p.parse_args(argv)
     try:
         return summarize(args) if summarizing else rate(args)
-    except (RateError, ModelError, data.DataError) as e:
+    except (RateError, ModelError, data.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

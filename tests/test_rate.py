@@ -101,7 +101,7 @@ class StubGenerate:
         self.calls += 1
         if self.crash_after is not None and self.calls > self.crash_after:
             raise KeyboardInterrupt("simulated crash")
-        out = []
+        out, self.last_prompt = [], prompts[-1]
         for p in prompts:
             text = self.tok.decode(p)
             scale = 4 if "from 1 to 4>" in text else 5
@@ -240,8 +240,9 @@ def test_random_raters_all_strategies_accounting(raters, conversations, tmp_path
     assert f"({n_failed} failed)" in capsys.readouterr().err
     run_rate(raters, conversations, out)  # a rerun has nothing left to do
     assert len(rating_keys(out)) == len(keys)
-    records, _ = data.aggregate(lines(out))
-    assert all(r["id"] in {c["id"] for c in CONVERSATIONS} for r in records)
+    records, report = data.aggregate(data.load_records(str(out), kind="raw"))  # validates every line
+    assert (report["failed"], report["valid"]) == (n_failed, len(ratings) - n_failed)
+    assert {r["id"] for r in records} <= {c["id"] for c in CONVERSATIONS}
     assert data.main(["aggregate", str(out), "-o", str(tmp_path / "train.jsonl")]) == 0  # the command line too
 
 
@@ -249,12 +250,12 @@ def test_stub_answers_are_parsed_retried_and_aggregate(raters, conversations, tm
     gen = stub(raters, monkeypatch, bad_greedy=("Madrid",), always_bad=("chicken",))
     out = tmp_path / "raw.jsonl"
     counts = run_rate(raters, conversations, out)
-    by_id = {}
-    for r in lines(out):
+    by_id, conversation = {}, {c["id"]: c for c in CONVERSATIONS}
+    for r in lines(out):  # every line is a whole raw record: the conversation and some of its ratings
         by_id.setdefault(r["id"], []).extend(r["ratings"])
-        assert {k: r[k] for k in ("dataset", "context", "response")} == {k: c[k] for c in CONVERSATIONS
-                                                                          if c["id"] == r["id"] for k in ("dataset", "context", "response")}
-    assert all(x["score"] == x["scale"] - 1 for i in ("c1", "c2", "c4") for x in by_id[i])  # c2 fixed by a retry
+        assert {k: r[k] for k in ("id", "dataset", "context", "response")} == conversation[r["id"]]
+    assert all(x["score"] == x["scale"] - 1 and x["explanation"] == "The reply sounds fluent."
+               for i in ("c1", "c2", "c4") for x in by_id[i])                          # c2 fixed by a retry
     assert all(x["score"] is None and "outside" in x["error"] for x in by_id["c3"])       # failed twice: recorded
     assert sum(n for (_, _, s), n in counts.items() if s == "failed") == len(AXES) * 4 * 2
     records, _ = data.aggregate(lines(out))
@@ -272,6 +273,20 @@ def test_samples_need_temperature_and_are_keyed(raters, conversations, tmp_path,
     run_rate(raters[:1], conversations, out, "--samples", "2", "--temperature", "0.8")
     keys = rating_keys(out)
     assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters[:1], samples=2)
+
+
+def test_custom_axis_from_a_file(raters, conversations, tmp_path, monkeypatch, capsys):
+    axes = tmp_path / "axes.json"
+    axes.write_text(json.dumps({"politeness": "courteous and respectful"}))
+    argv = ["--raters", raters[0], "--input", conversations, "--out", str(tmp_path / "raw.jsonl"),
+            "--axes", "politeness", "--axes-file", str(axes)]
+    expect_error(capsys, argv, "no rated examples for axis 'politeness'")  # the built-in examples rate 3 axes
+    gen = stub(raters, monkeypatch)
+    rate.main([*argv, "--prompts", "scale4,scale5"])
+    assert "politeness: courteous and respectful" in gen.tok.decode(gen.last_prompt)
+    raw = data.load_records(str(tmp_path / "raw.jsonl"), kind="raw", axes=str(axes))
+    records, report = data.aggregate(raw)
+    assert report["valid"] == len(CONVERSATIONS) * 2 and {r["axis"] for r in records} == {"politeness"}
 
 
 def test_crash_and_rerun_gives_no_duplicates_and_no_gaps(raters, conversations, tmp_path, monkeypatch):
