@@ -47,27 +47,39 @@ NF4_VALUES = torch.tensor([
 NF4_BOUNDS = (NF4_VALUES[:-1] + NF4_VALUES[1:]) / 2
 # Dequantisation looks up one byte at a time: byte -> (value of its high nibble, value of its low).
 _BYTE_TABLE = torch.stack([NF4_VALUES[torch.arange(256) >> 4], NF4_VALUES[torch.arange(256) & 15]], 1)
+_ON_DEVICE = {}   # (name, device) -> a table copied there once, not on every forward
+
+
+def _table(name, t, device):
+    if (name, device) not in _ON_DEVICE:
+        _ON_DEVICE[name, device] = t.to(device)
+    return _ON_DEVICE[name, device]
 
 
 def quantize_nf4(w, blocksize=64):
     """w (any shape, numel even) -> codes (numel/2,) uint8, absmax (ceil(numel/blocksize),) fp32."""
-    n = w.numel()
-    assert n % 2 == 0, f"NF4 packs two values per byte; got {n} values"
-    flat = w.reshape(-1).float()
-    if n % blocksize:                                     # a last, partial block: pad it with zeros
-        flat = F.pad(flat, (0, -n % blocksize))
-    blocks = flat.view(-1, blocksize)                     # (n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)                     # (n_blocks,)
+    flat = w.reshape(-1)
+    assert flat.numel() % 2 == 0, f"NF4 packs two values per byte; got {flat.numel()} values"
+    step = blocksize * 2**14      # 1M values at a time: the fp32 temporaries stay small, even for 7B
+    parts = [_quantize_nf4(flat[i:i + step], blocksize) for i in range(0, flat.numel(), step)]
+    return torch.cat([c for c, _ in parts]), torch.cat([a for _, a in parts])
+
+
+def _quantize_nf4(flat, blocksize):
+    n = flat.numel()
+    flat = F.pad(flat.float(), (0, -n % blocksize))         # a last, partial block: pad with zeros
+    blocks = flat.view(-1, blocksize)                        # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)                        # (n_blocks,)
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]   # times the reciprocal, as bitsandbytes
-    idx = torch.bucketize(scaled.clamp_(-1, 1), NF4_BOUNDS.to(w.device), out_int32=True)
-    idx = idx.view(-1)[:n].to(torch.uint8)                # (n,) codes 0..15
-    return idx[0::2] << 4 | idx[1::2], absmax             # (n/2,) uint8, high nibble first
+    idx = torch.bucketize(scaled.clamp_(-1, 1), _table("bounds", NF4_BOUNDS, flat.device), out_int32=True)
+    idx = idx.view(-1)[:n].to(torch.uint8)                   # (n,) codes 0..15
+    return idx[0::2] << 4 | idx[1::2], absmax                # (n/2,) uint8, high nibble first
 
 
 def dequantize_nf4(codes, absmax, shape, dtype=torch.float32, blocksize=64):
     """codes (numel/2,) uint8, absmax (n_blocks,) fp32 -> a tensor of `shape` in `dtype`."""
     n = math.prod(shape)
-    table = _BYTE_TABLE.to(codes.device)
+    table = _table("bytes", _BYTE_TABLE, codes.device)
     values = table[codes.int()].view(-1)                  # (numel,) fp32: each byte -> two NF4 values
     if values.numel() < absmax.numel() * blocksize:       # a last, partial block
         values = F.pad(values, (0, absmax.numel() * blocksize - values.numel()))
@@ -95,7 +107,7 @@ def quantize_absmax(absmax, blocksize=256):
     """fp32 absmax (n,) -> (codes (n,) uint8, scale (ceil(n/blocksize),) fp32, offset () fp32)."""
     offset = absmax.mean()
     x = absmax - offset
-    n, code = x.numel(), _DYNAMIC.to(x.device)
+    n, code = x.numel(), _table("dynamic", _DYNAMIC, x.device)
     blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)     # (n_blocks, blocksize)
     scale = blocks.abs().amax(dim=1)                                # (n_blocks,)
     normed = (blocks / scale.clamp(min=1e-38)[:, None]).view(-1)[:n]
@@ -107,7 +119,7 @@ def quantize_absmax(absmax, blocksize=256):
 
 def dequantize_absmax(codes, scale, offset, blocksize=256):
     n = codes.numel()
-    values = F.pad(_DYNAMIC.to(codes.device)[codes.int()], (0, -n % blocksize))
+    values = F.pad(_table("dynamic", _DYNAMIC, codes.device)[codes.int()], (0, -n % blocksize))
     return (values.view(-1, blocksize) * scale[:, None]).view(-1)[:n] + offset
 
 
@@ -119,7 +131,7 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer):
-        ctx.layer = layer                    # the module, i.e. its 4-bit codes: nothing input-sized
+        ctx.layer = layer                    # only a reference to the 4-bit codes: nothing weight-sized
         return F.linear(x, layer.dequantize(x.dtype))
 
     @staticmethod
@@ -152,7 +164,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_weight(cls, weight, bias=None, compute_dtype=torch.bfloat16, blocksize=64,
+    def from_weight(cls, weight, compute_dtype=torch.bfloat16, bias=None, blocksize=64,
                     double_quant=False, device=None):
         """Quantise an (out, in) weight (any float dtype), on `device` if given, else where it is."""
         weight = weight.detach().to(device or weight.device)
