@@ -19,7 +19,7 @@ Left out: corrections for testing several variants, bootstrap over seeds (an ite
 first averaged over a variant's seeds), training (train.py).
 
     python eval.py --run runs/expl-s0 [--split test] [--checkpoint best]
-    python eval.py --model DIR [--adapter DIR] --data test.jsonl [--out DIR]   # no adapter: zero-shot
+    python eval.py --model DIR [--adapter DIR] --data FILE [--split all] [--out DIR]  # no adapter: zero-shot
     python eval.py compare runs/grid/* [--out DIR]
 """
 import argparse
@@ -37,7 +37,6 @@ import lora
 from model import ModelError, generate, load_model
 
 METRICS = ("accuracy", "macro_f1", "qwk", "mae", "nll", "ece", "brier")
-LOWER_IS_BETTER = {"mae", "nll", "ece", "brier"}
 N_BINS = 10  # calibration bins
 
 
@@ -82,7 +81,7 @@ def nll(probs, gold):
 
 def reliability(probs, gold, n_bins=N_BINS):
     """Per bin of the top rating's probability ([0, 0.1), ..., [0.9, 1]): (mean confidence,
-    accuracy, count); empty bins are (nan, nan, 0)."""
+    accuracy, count); empty bins are (None, None, 0)."""
     conf = probs.max(1)
     correct = probs.argmax(1) + 1 == gold
     bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
@@ -90,7 +89,7 @@ def reliability(probs, gold, n_bins=N_BINS):
     for b in range(n_bins):
         sel = bins == b
         rows.append((float(conf[sel].mean()), float(correct[sel].mean()), int(sel.sum())) if sel.any()
-                    else (float("nan"), float("nan"), 0))
+                    else (None, None, 0))
     return rows
 
 
@@ -335,7 +334,8 @@ def compare(runs, out=None, split="test", n_boot=2000, seed=0):
         acc = {v: table["overall"][v]["accuracy"]["mean"] for v in variants}
         gap = acc.get("explanation", acc["label"]) - acc["label"]
         for v in [v for v in variants if v != "label"]:
-            diffs = [table[s][v]["accuracy"]["mean"] - table[s]["label"]["accuracy"]["mean"] for s in settings[:-1]]
+            diffs = [round(table[s][v]["accuracy"]["mean"] - table[s]["label"]["accuracy"]["mean"], 12)
+                     for s in settings[:-1]]  # rounded: equal means in another summation order tie
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
             versus[v] = {"wins": wins, "losses": losses, "settings": len(diffs),
                          "gap_closed": (acc[v] - acc["label"]) / gap if gap else None,
@@ -445,9 +445,9 @@ def plot(out, summary, variants, settings):
 # ----------------------------------------------------------------------------- command line
 
 def _print_metrics(m):
-    print(f"{'setting':<32} {'n':>5} " + " ".join(f"{k:>8}" for k in METRICS))
+    print(f"{'setting':<36} {'n':>5} " + " ".join(f"{k:>8}" for k in METRICS))
     for name, x in [*m["settings"].items(), ("overall", m["overall"])]:
-        print(f"{name:<32} {x['n']:>5} " + " ".join(f"{x[k]:>8.3f}" for k in METRICS))
+        print(f"{name:<36} {x['n']:>5} " + " ".join(f"{x[k]:>8.3f}" for k in METRICS))
     print(f"{m['examples_per_s']:.1f} examples/s ({m['order']})" +
           (f"; {m['unparsed']} outputs without a rating, counted wrong" if m["unparsed"] else ""))
 
@@ -476,7 +476,7 @@ def main(argv=None):
         p.add_argument("--model", help="base checkpoint folder (with --data; no --adapter: zero-shot)")
         p.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
         p.add_argument("--data", help="records to score (.jsonl/.csv; with --model)")
-        p.add_argument("--split", default="test", help="train | val | test | all")
+        p.add_argument("--split", default="test", help="train | val | test (data.split_of's hash of the id) | all")
         p.add_argument("--order", default="rating_first", choices=data.ORDERS, help="with --model")
         p.add_argument("--template", choices=data.TEMPLATES, help="with --model (default: data.py's)")
         p.add_argument("--max-len", type=int, help="prompt + rating token limit, with --model (default: data.py's)")
