@@ -8,6 +8,7 @@ In the order the data flows:
                         file, line and field: "train.jsonl:7: field 'label': must be an integer 1-5, got 7"
   build_examples        prompt + target for one of the six variants, tokenised, with the loss mask and
                         the decision position; collate() pads a batch and does the one input/target shift
+  text_examples         plain text cut into language-model examples (pretraining the demo's base model)
   split_of, batch_indices   hash splits, length-bucketed resumable batches
   write_demo, train_tokenizer   a synthetic corpus so the whole project runs with no outside data
 
@@ -226,13 +227,12 @@ def check_record(rec, kind="labelled", *, need_explanation=False, axes=None):
                           "describe new ones with --axes)")
         out["label"] = _int(rec, "label", 1, 5)
     if kind == "labelled":
-        if rec.get("explanation") in (None, "") and not need_explanation:
+        if rec.get("explanation") in (None, ""):
+            if need_explanation:
+                _fail("explanation", "missing (the explanation variants need one)")
             out.pop("explanation", None)
         else:
-            try:
-                out["explanation"] = _text(rec, "explanation")
-            except DataError as e:
-                raise DataError(f"{e} (the explanation variants need one)") from None
+            out["explanation"] = _text(rec, "explanation")
     if kind == "raw":
         if not isinstance(rec.get("ratings"), list):
             _fail("ratings", "must be a list of ratings")
@@ -286,8 +286,8 @@ def _rows(path):
 def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kind="labelled",
                  skipped=None):
     """Read and validate records from a .jsonl or .csv file. The first bad record raises
-    DataError('FILE:LINE: ...'), unless skip_bad: then each bad record is skipped, appended to
-    `skipped` (a list you pass) and counted in one line on stderr. Duplicate (id, axis) pairs are
+    DataError('FILE:LINE: ...'), unless skip_bad: then each bad record is skipped and its message
+    appended to `skipped` (a list you pass) or, without one, counted in one line on stderr. Duplicate (id, axis) pairs are
     an error (in 'raw' files several lines per id are normal: aggregate() merges them)."""
     axes, out, seen, bad = load_axes(axes), [], {}, []
     for line, rec in _rows(path):
@@ -305,10 +305,10 @@ def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kin
             if not skip_bad:
                 raise DataError(f"{path}:{line}: {e}") from None
             bad.append(f"{path}:{line}: {e}")
-    if bad:
+    if skipped is not None:
+        skipped.extend(bad)
+    elif bad:
         print(f"{path}: skipped {len(bad)} bad records (first: {bad[0]})", file=sys.stderr)
-        if skipped is not None:
-            skipped.extend(bad)
     if not out:
         raise DataError(f"{path}: no valid records")
     return out
@@ -495,6 +495,9 @@ def _items(path, key=None):
 def _import_arena(paths, seed):
     for path in paths:
         for where, x in _items(path):
+            if isinstance(x, DataError):
+                yield f"{where}: {x}"
+                continue
             for side in "ab":
                 try:
                     turns = x[f"conversation_{side}"]
@@ -510,6 +513,9 @@ def _import_arena(paths, seed):
 def _import_hh(paths, seed):
     for path in paths:
         for where, x in _items(path):
+            if isinstance(x, DataError):
+                yield f"{where}: {x}"
+                continue
             for part in ("chosen", "rejected"):
                 try:
                     # "\n\nHuman: ...\n\nAssistant: ..." -> alternating turns, the last one the response
@@ -526,6 +532,9 @@ def _import_hh(paths, seed):
 def _import_amazonqa(paths, seed):
     for path in paths:
         for where, x in _items(path):
+            if isinstance(x, DataError):
+                yield f"{where}: {x}"
+                continue
             try:
                 q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
                 if not q or not answers:
@@ -540,6 +549,9 @@ def _import_coqa(paths, seed):
     """One conversation per story, cut after a turn chosen by hash(seed, story id)."""
     for path in paths:
         for where, x in _items(path, key="data"):
+            if isinstance(x, DataError):
+                yield f"{where}: {x}"
+                continue
             try:
                 qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
                 if not qs or len(qs) != len(ans):
@@ -757,6 +769,19 @@ def build_examples(records, tok, variant="label", *, order="rating_first", templ
         print(f"data.py: dropped {len(too_long)} records longer than max_len={max_len} even without "
               f"context (first: '{too_long[0]}')", file=sys.stderr)
     return out
+
+
+def text_examples(path, tok, max_len=256):
+    """Language-model examples from a plain-text file (pretraining, `train.py --full`): documents are
+    separated by blank lines, each encoded as <s> text </s>, all of them concatenated and cut into
+    pieces of max_len tokens; every token carries loss."""
+    with _open(path) as f:
+        docs = [d.strip() for d in re.split(r"\n\s*\n", f.read()) if d.strip()]
+    if not docs:
+        raise DataError(f"{path}: no text")
+    ids = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
+    return [Example(f"text-{k}", "text", "", 0, ids[s:s + max_len], ids[s:s + max_len], 0, 0)
+            for k, s in enumerate(range(0, len(ids) - 1, max_len))]
 
 
 def collate(examples, pad_id):
