@@ -257,7 +257,8 @@ def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="a
         raise EvalError(f"{ckpt}: no such checkpoint (is the run finished?)")
     model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize)
     records = split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"])
-    rows, metrics = evaluate(model, tok, records, device, batch_size, order=cfg["order"],
+    order = cfg["order"] if cfg["variant"] != "label" else "rating_first"  # as data.build_examples trains it
+    rows, metrics = evaluate(model, tok, records, device, batch_size, order=order,
                              template=cfg["template"], max_len=cfg["max_len"])
     metrics.update(run=run_dir, checkpoint=ckpt, split=split, variant=cfg["variant"], seed=cfg["seed"])
     write_results(os.path.join(run_dir, f"eval-{split}"), rows, metrics)
