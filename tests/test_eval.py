@@ -16,8 +16,6 @@ import eval as ev
 import lora
 from model import Config, Transformer, load_model, save_model
 
-AXES = ("naturalness", "comprehensiveness", "on_topic")
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -98,16 +96,6 @@ def test_sign_test_and_bootstrap():
 
 # ----------------------------------------------------------------------------- scoring
 
-def make_records(n=60, seed=0):
-    rng = random.Random(seed)
-    words = ["the", "phone", "battery", "lasts", "long", "movie", "was", "great", "thanks", "I", "think", "so",
-             "maybe", "not", "order", "arrived", "late", "story", "answer", "question", "tell", "me", "more"]
-    say = lambda k: " ".join(rng.choice(words) for _ in range(k)).capitalize() + "."
-    return [{"id": f"item-{i}", "dataset": ("coqa", "amazonqa")[i % 2], "axis": AXES[i % 3],
-             "context": [say(rng.randint(3, 30)) for _ in range(rng.randint(1, 4))], "response": say(rng.randint(3, 20)),
-             "label": rng.randint(1, 5), "explanation": say(rng.randint(4, 15))} for i in range(n)]
-
-
 def tiny_checkpoint(path, tokenizer_file, vocab_size, seed=0):
     torch.manual_seed(seed)
     cfg = Config(arch="mistral", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, n_layers=2,
@@ -117,7 +105,7 @@ def tiny_checkpoint(path, tokenizer_file, vocab_size, seed=0):
     return path
 
 
-def fake_run(tmp_path, tokenizer_file, vocab_size, data_file, order="rating_first"):
+def fake_run(tmp_path, tokenizer_file, vocab_size, data_file):
     """A run folder as train.py leaves it: train_config.json and a best/ adapter (non-zero LoRA B)."""
     base = tiny_checkpoint(str(tmp_path / "base"), tokenizer_file, vocab_size)
     model = load_model(base)
@@ -127,7 +115,7 @@ def fake_run(tmp_path, tokenizer_file, vocab_size, data_file, order="rating_firs
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     run = tmp_path / "run"
     lora.save_adapter(model, str(run / "best"))
-    cfg = {"model": base, "data": data_file, "variant": "explanation", "order": order, "template": "base",
+    cfg = {"model": base, "data": data_file, "variant": "explanation", "order": "rating_first", "template": "base",
            "axes": "", "datasets": "", "max_len": 512, "seed": 0, "quantize": "", "skip_bad": False, "full": False}
     (run / "train_config.json").write_text(json.dumps(cfg))
     return str(run), base
@@ -184,7 +172,7 @@ def test_score_run_equals_full_forward_at_decision_position(which, demo, tmp_pat
                                    atol=1e-5)
 
 
-def test_explain_first_parses_generated_rating(mistral_v1_model, tmp_path, monkeypatch):
+def test_explain_first_parses_generated_rating(mistral_v1_model, demo, tmp_path, monkeypatch):
     tok = data.Tokenizer(mistral_v1_model)
     rating_ids = data.rating_token_ids(tok)
     answer = lambda text, r: tok.encode(text) + tok.continuation("\nRating:") + tok.encode(str(r))
@@ -192,7 +180,7 @@ def test_explain_first_parses_generated_rating(mistral_v1_model, tmp_path, monke
     assert ev.find_rating(tok.encode(" Fluent, 3 words. Rating 4"), tok) is None
     assert ev.find_rating(answer(" Fine.", 4)[:-1], tok) is None
 
-    records = make_records(12)
+    records = data.load_records(demo["train"])[:12]
     model = load_model(tiny_checkpoint(str(tmp_path / "base"), mistral_v1_model, tok.vocab_size))
     examples = data.build_examples(records, tok, "explanation", order="explain_first")
     outputs = [answer(" Fine.", 1 + i % 5) + [tok.eos_id] if i % 4 else tok.encode(" no rating") for i in range(12)]
