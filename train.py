@@ -458,7 +458,7 @@ def demo(out="runs/demo", seed=0):
     base = os.path.join(out, "base")
     if not os.path.exists(os.path.join(base, "done.json")):
         init = os.path.join(out, "init")
-        tok_path = data.train_tokenizer(paths["corpus"], os.path.join(out, "tokenizer"), vocab_size=1000)
+        tok_path = paths["tokenizer"]
         tok = data.Tokenizer(tok_path)
         torch.manual_seed(seed)
         model = Transformer(replace(DEMO_BASE, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,

@@ -4,6 +4,13 @@ import sys
 
 import pytest
 
+# Tiny models run fastest on one thread, and the suite's subprocesses inherit this; it also keeps
+# a busy 2-core machine from thrashing between threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

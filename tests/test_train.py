@@ -1,0 +1,200 @@
+"""train.py: checkpointing gradients, learning, kill-and-resume, data parallel, failure handling."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import lora
+import train
+from model import Config, Transformer, save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["apple", "river", "stone", "cloud", "flame"]  # the word in the response decides the rating
+FILL = "the a we so it is very quite then here there and but or of to in on at".split()
+
+
+def keyword_records(n, seed=0):
+    """A learnable task: the rating is given by the response's last word."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = rng.randint(1, 5)
+        words = rng.sample(FILL, 6) + [WORDS[label - 1]]  # the last word, a fixed distance from the decision
+        out.append({"id": f"kw-{i:04d}", "dataset": "kw", "context": ["Tell me something."],
+                    "response": " ".join(words) + ".", "axis": "naturalness", "label": label,
+                    "explanation": f"The reply mentions {WORDS[label - 1]}, which earns a {label}."})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tokenizer trained on the task's text, a tiny random base model, and a training file."""
+    d = tmp_path_factory.mktemp("train")
+    records = keyword_records(400)
+    data.write_jsonl(records, str(d / "train.jsonl"))
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(data.format_prompt(r) + " " + str(r["label"]) + " " + r["explanation"]
+                                for r in records))
+    tok_path = data.train_tokenizer(str(corpus), str(d / "tok"), vocab_size=400)
+    tok = data.Tokenizer(tok_path)
+    torch.manual_seed(0)
+    cfg = replace(Config.from_name("tiny"), vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    base = d / "base"
+    model = Transformer(cfg)
+    with torch.no_grad():  # a pretrained model's head makes confident predictions; a fresh one cannot
+        model.lm_head.weight.mul_(8)
+    save_model(model, str(base))
+    (base / "tokenizer.model").write_bytes(open(tok_path, "rb").read())
+    return {"dir": d, "base": str(base), "data": str(d / "train.jsonl"), "tok": tok}
+
+
+def config(setup, out, **kw):
+    base = dict(model=setup["base"], data=setup["data"], out=str(out), variant="label", rank=4, alpha=8,
+                lora_dropout=0.0, lr=1e-2, batch_size=8, micro_batch=4, steps=6, max_len=128,
+                val_every=1000, save_every=2, log_every=1, checkpointing=True)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def adapter(path):
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= tol, k
+
+
+def test_checkpointing_gradients_match(setup):
+    tok = setup["tok"]
+    from model import load_model
+
+    model = load_model(setup["base"])
+    lora.add_lora(model, rank=4, alpha=8, dropout=0.0)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # a live adapter, not a zero one
+    ex = data.build_examples(keyword_records(6), tok, "explanation", max_len=128)
+    batch = data.collate(ex, tok.pad_id)
+    grads = []
+    for ckpt in (False, True):
+        model.train()
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        train.loss_sum(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0, n  # every LoRA weight gets a gradient through the checkpoints
+        assert (grads[0][n] - grads[1][n]).abs().max().item() < 1e-5, n
+
+
+def test_run_learns_and_changes_only_lora(setup, tmp_path):
+    before = open(os.path.join(setup["base"], "model.safetensors"), "rb").read()
+    cfg = config(setup, tmp_path / "run", steps=150, batch_size=16, micro_batch=16, lr=1e-2, val_every=150,
+                 save_every=150, log_every=10, checkpointing=False)
+    result = train.run(cfg)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result["val_acc"] > 0.6  # chance is 0.2
+    assert open(os.path.join(setup["base"], "model.safetensors"), "rb").read() == before
+    saved = adapter(tmp_path / "run" / "last")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert json.load(open(tmp_path / "run" / "train_config.json"))["variant"] == "label"
+    assert os.path.exists(tmp_path / "run" / "best" / "adapter_model.safetensors")
+
+
+def test_micro_batch_split_does_not_change_the_result(setup, tmp_path):
+    # 12 examples per step split 4+4+4 or 6+6: the micro-batches hold different numbers of target tokens
+    a = train.run(config(setup, tmp_path / "a", variant="explanation", batch_size=12, micro_batch=4, steps=3))
+    b = train.run(config(setup, tmp_path / "b", variant="explanation", batch_size=12, micro_batch=6, steps=3))
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert_same_adapter(adapter(tmp_path / "a" / "last"), adapter(tmp_path / "b" / "last"), 1e-5)
+
+
+def _cli(setup, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--model", setup["base"], "--data", setup["data"],
+            "--out", str(out), "--variant", "explanation", "--rank", "4", "--lora-dropout", "0.1",
+            "--batch-size", "8", "--micro-batch", "4", "--max-len", "128", "--lr", "1e-2",
+            "--save-every", "2", "--val-every", "1000", "--log-every", "1", *extra]
+
+
+def test_kill_and_resume_gives_the_same_adapter(setup, tmp_path):
+    steps = ["--steps", "40"]
+    subprocess.run(_cli(setup, tmp_path / "whole", *steps), check=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.Popen(_cli(setup, tmp_path / "killed", *steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= 9:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "done.json").exists(), "the run finished before it was killed"
+    state = torch.load(tmp_path / "killed" / "last" / "state.pt", weights_only=True)
+    assert 0 < state["step"] < 40 and state["step"] % 2 == 0
+    adapter(tmp_path / "killed" / "last")  # a complete, readable checkpoint
+    # without --resume the unfinished run is protected
+    r = subprocess.run(_cli(setup, tmp_path / "killed", *steps), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    subprocess.run(_cli(setup, tmp_path / "killed", *steps, "--resume"), check=True, capture_output=True, cwd=ROOT)
+    assert_same_adapter(adapter(tmp_path / "whole" / "last"), adapter(tmp_path / "killed" / "last"), 1e-6)
+    rows = [json.loads(x) for x in open(metrics)]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # no step logged twice
+
+
+def test_torchrun_two_processes_equal_one(setup, tmp_path):
+    args = ["--steps", "3", "--lora-dropout", "0", "--checkpointing"]
+    subprocess.run(_cli(setup, tmp_path / "one", *args), check=True, capture_output=True, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    r = subprocess.run(cmd + _cli(setup, tmp_path / "two", *args)[1:], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stdout
+    assert_same_adapter(adapter(tmp_path / "one" / "last"), adapter(tmp_path / "two" / "last"), 1e-5)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    def poison(step, loss):
+        return loss * float("nan") if step == 4 else loss
+
+    with pytest.raises(train.TrainError, match=r"step 5: non-finite loss; .*Last good checkpoint: .*last"):
+        train.run(config(setup, tmp_path / "nan", steps=8), loss_hook=poison)
+    state = torch.load(tmp_path / "nan" / "last" / "state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "nan" / "last").values())
+
+
+def test_finished_runs_bad_data_and_dry_run(setup, tmp_path):
+    out = tmp_path / "run"
+    train.run(config(setup, out, steps=2))
+    r = subprocess.run(_cli(setup, out, "--steps", "2"), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "holds a finished run; pass --overwrite" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    lines = open(setup["data"]).read().splitlines()
+    lines[2] = lines[2].replace('"label": ', '"label": 9, "x": ')
+    bad.write_text("\n".join(lines) + "\n")
+    r = subprocess.run(_cli(setup, tmp_path / "b", "--data", str(bad)), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "bad.jsonl:3" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "b" / "last").exists()
+    r = subprocess.run(_cli(setup, tmp_path / "dry", "--dry-run"), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "trainable" in r.stdout and "estimated peak" in r.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+def test_help_documents_every_flag():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for f in train.fields(train.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout
