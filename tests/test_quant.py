@@ -82,26 +82,26 @@ def test_values_on_a_boundary_take_the_lower_code_as_bitsandbytes():
     assert low.tolist() == list(range(15))          # midpoint i -> code i, the lower neighbour
 
 
-def test_double_quantisation_equals_bitsandbytes():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_double_quantisation_equals_bitsandbytes(dtype):
     torch.manual_seed(0)
-    w = torch.randn(256, 1024).half() * 0.02      # fp16 scales repeat, so some sit on 8-bit midpoints
+    w = (torch.randn(256, 4096) * 0.02).to(dtype)      # 7B-wide rows; 16384 scales
     codes, absmax = Q.quantize_nf4(w)
     aq, scale, offset = Q.quantize_absmax(absmax)
     packed, state = bnb_nf4(w, double_quant=True)
     assert torch.equal(codes, packed)
     assert torch.equal(offset, state.offset) and torch.equal(scale, state.state2.absmax)
-    # bitsandbytes' CPU 8-bit quantiser finds the code by an approximate binary search, so next to
-    # a midpoint it sometimes takes the farther neighbour; here the nearest always wins. The bound:
-    # < 1% of the scales differ, by one code, each within 1% of a step from a midpoint.
-    # Observed with bitsandbytes 0.50.2: 5 of 4096.
+    # bitsandbytes' CPU 8-bit quantiser finds the code by an approximate search (a uniform grid,
+    # BinSearch's Direct2), so it sometimes takes a farther code: next to a midpoint, or near 0 where
+    # the codes are denser than its grid. Here the nearest always wins. The bound: < 1% of the
+    # scales differ, ours is never farther, and theirs is farther by < 1e-4 of the block's range.
+    # Observed with bitsandbytes 0.50.2: 0.1-0.3% of scales; at most 3e-5 farther.
     code, ref = Q.dynamic_map(), state.absmax
     bad = (aq != ref).nonzero().view(-1)
     assert bad.numel() < 0.01 * aq.numel()
     normed = ((absmax - offset) / scale.repeat_interleave(256)[: absmax.numel()])[bad]
-    ours, theirs = code[aq[bad].long()], code[ref[bad].long()]
-    assert ((aq[bad].int() - ref[bad].int()).abs() == 1).all()
-    assert ((normed - ours).abs() <= (normed - theirs).abs()).all()          # ours is the nearer
-    assert (((normed - (ours + theirs) / 2).abs() / (ours - theirs).abs()) < 0.01).all()
+    ours, theirs = (normed - code[aq[bad].long()]).abs(), (normed - code[ref[bad].long()]).abs()
+    assert (ours <= theirs).all() and (theirs - ours).max() < 1e-4
     # dequantised: equal wherever the 8-bit scale codes agree
     got = Q.dequantize_nf4(codes, Q.dequantize_absmax(aq, scale, offset), w.shape)
     want = bnb_dequant(packed, state, torch.float32)
