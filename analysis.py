@@ -24,16 +24,20 @@ hook on each `self_attn` recomputes them from its input for the decision query o
 softmax(q k^T / sqrt(head_dim)), with the same rotary tables and mask the model used.
 
 Explanation-first runs are read teacher-forced: the decision position comes after the run's own
-target text (the real or pseudo explanation), as in train.py's validation. Left out: gradients,
+target text (the real or pseudo explanation), as in train.py's validation, so their `correct` is
+teacher-forced (eval.py scores them by generating the explanation instead). Left out: gradients,
 attributions, probing classifiers, per-head results (heads are averaged).
 
     python analysis.py runs/grid/* --out analysis/               # test split, every example, best/
     python analysis.py runs/demo/label runs/demo/explanation --split val --n 200 --out analysis/demo
 
-Writes to --out: per_layer.csv (every metric x layer, per run and per variant: mean and bootstrap
-95% interval over examples), summary.csv (middle third of the layers against the output, and each
-variant's difference from `label` with a paired interval), analysis.json (all of it, plus the
-settings), and with matplotlib installed, entropy_by_layer.png (one line per variant).
+Runs are grouped by variant (explanation-first runs apart, as "explanation/explain_first"); the
+runs (seeds) of a variant are averaged example by example. Written to --out:
+  per_layer.csv   every metric x layer, per run and per variant: mean and bootstrap 95% interval
+  summary.csv     the middle third of the layers against the output, and each variant's difference
+                  from `label` on the same examples, with a paired bootstrap interval
+  analysis.json   all of the above, plus the settings
+  entropy_by_layer.png   with matplotlib installed: four panels, one line per variant
 """
 import argparse
 import contextlib
@@ -200,7 +204,9 @@ def analyse_run(run_dir, split="test", n=None, checkpoint="best", batch_size=8, 
         order += idx
     back = np.argsort(order)  # the batches were length-bucketed: restore the examples' order
     res = {k: np.concatenate([p[k] for p in parts])[back] for k in parts[0]}
-    res.update(ids=[(e.id, e.axis) for e in examples], variant=cfg["variant"], order=cfg.get("order", "rating_first"))
+    # runs are grouped by variant; explanation-first runs form groups of their own ("explanation/explain_first")
+    group = cfg["variant"] + ("/explain_first" if cfg["order"] == "explain_first" and cfg["variant"] != "label" else "")
+    res.update(ids=[(e.id, e.axis) for e in examples], variant=group, order=cfg["order"])
     return res
 
 
@@ -367,9 +373,10 @@ def print_summary(report):
     keys = [("middle_third", "act_entropy_norm", "mid act H/log d"), ("middle_third", "attn_entropy", "mid attn H"),
             ("output", "top_prob", "top p"), ("output", "rating_entropy", "out H5"),
             ("output", "rating_mass", "rating mass"), ("output", "correct", "accuracy")]
-    print(f"\n{'variant':<13}{'runs':>5}" + "".join(f"{label:>17}" for *_, label in keys))
+    width = max(map(len, report["variants"])) + 2
+    print(f"\n{'variant':<{width}}{'runs':>5}" + "".join(f"{label:>16}" for *_, label in keys))
     for v, d in report["variants"].items():
-        print(f"{v:<13}{d['runs']:>5}" + "".join(f"{d[w][k]['mean']:>17.4f}" for w, k, _ in keys))
+        print(f"{v:<{width}}{d['runs']:>5}" + "".join(f"{d[w][k]['mean']:>16.4f}" for w, k, _ in keys))
 
 
 def main(argv=None):

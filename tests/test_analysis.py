@@ -174,14 +174,14 @@ def test_analysis_of_runs_is_deterministic_and_complete(runs, tmp_path, capsys):
     first, second = (json.load(open(tmp_path / d / "analysis.json")) for d in ("a", "b"))
     assert first == second
     assert (tmp_path / "a" / "per_layer.csv").read_text() == (tmp_path / "b" / "per_layer.csv").read_text()
-    assert set(first["variants"]) == {"label", "explanation"} and first["variants"]["explanation"]["runs"] == 2
+    assert list(first["variants"]) == ["label", "explanation", "explanation/explain_first"]
     assert [r["order"] for r in first["runs"].values()] == ["rating_first", "rating_first", "explain_first"]
     for r in first["runs"].values():
         assert r["n"] == 6 and len(r["per_layer"]["act_entropy"]["mean"]) == 3
         for k in ("act_entropy_norm", "attn_entropy", "lens_entropy"):
             assert all(lo <= m <= hi for m, lo, hi in zip(*r["per_layer"][k].values()))
         assert 0 < r["output"]["rating_mass"]["mean"] < 1
-    assert "minus_label" in first["variants"]["explanation"]
+    assert "minus_label" in first["variants"]["explanation/explain_first"]
     rows = (tmp_path / "a" / "per_layer.csv").read_text().splitlines()
     assert rows[0] == "scope,name,variant,layer,metric,mean,lo,hi,n" and len(rows) > 3 * 3 * 6
     assert "middle_third" in (tmp_path / "a" / "summary.csv").read_text()
