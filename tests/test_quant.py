@@ -28,8 +28,8 @@ def bnb_dequant(packed, state, dtype):
 
 def boundary_distance(w, absmax):
     """|w / absmax - nearest midpoint between two NF4 values|, per element (row-major)."""
-    scaled = (w.reshape(-1, 64).float() / absmax[:, None]).reshape(-1, 1)
-    return (scaled - Q.NF4_BOUNDS).abs().amin(dim=1)
+    scaled = w.reshape(-1).float() / absmax.repeat_interleave(64)[: w.numel()]
+    return (scaled[:, None] - Q.NF4_BOUNDS).abs().amin(dim=1)
 
 
 def test_the_tables_are_bitsandbytes():
