@@ -29,7 +29,8 @@ How a weight (out, in) is packed (blocksize 64, the row-major flattening of the 
 
 Double quantisation stores the absmax constants themselves in 8 bits: subtract their mean, then
 quantise them block-wise (256 per block) to bitsandbytes' signed 8-bit "dynamic" map. That takes a
-weight from 4 + 32/64 = 4.5 bits to 4 + 8/64 + 32/(64*256) = 4.127 bits.
+weight from 4 + 32/64 = 4.5 bits to 4 + 8/64 + 32/(64*256) = 4.127 bits. Here each scale takes the
+nearest 8-bit code; bitsandbytes' CPU search is approximate and differs on ~0.2% of them.
 """
 import math
 
