@@ -492,143 +492,114 @@ def _items(path, key=None):
                 yield f"{path}:{n}", DataError(f"not valid JSON ({e.msg})")
 
 
-def _import_arena(paths, seed):
-    for path in paths:
-        for where, x in _items(path):
-            if isinstance(x, DataError):
-                yield f"{where}: {x}"
-                continue
-            for side in "ab":
-                try:
-                    turns = x[f"conversation_{side}"]
-                    if not turns or turns[-1]["role"] != "assistant":
-                        raise ValueError("must end with an assistant turn")
-                    yield {"id": f"arena-{x['question_id']}-{side}", "dataset": "chatbot-arena",
-                           "context": [t["content"] for t in turns[:-1]], "response": turns[-1]["content"],
-                           "model": x.get(f"model_{side}")}
-                except (KeyError, TypeError, ValueError) as e:
-                    yield f"{where}: conversation_{side}: {_why(e)}"
+# One function per format: a public entry -> conversation records; a malformed entry raises.
+
+def _arena(x, seed):  # {"question_id", "conversation_a"/"_b": [{"role", "content"}, ...], "model_a"/"_b"}
+    out = []
+    for side in "ab":
+        turns = x[f"conversation_{side}"]
+        if not turns or turns[-1]["role"] != "assistant":
+            raise ValueError(f"conversation_{side} must end with an assistant turn")
+        out.append({"id": f"arena-{x['question_id']}-{side}", "dataset": "chatbot-arena", "model": x.get(f"model_{side}"),
+                    "context": [t["content"] for t in turns[:-1]], "response": turns[-1]["content"]})
+    return out
 
 
-def _import_hh(paths, seed):
-    for path in paths:
-        for where, x in _items(path):
-            if isinstance(x, DataError):
-                yield f"{where}: {x}"
-                continue
-            for part in ("chosen", "rejected"):
-                try:
-                    # "\n\nHuman: ...\n\nAssistant: ..." -> alternating turns, the last one the response
-                    bits = re.split(r"\n\n(Human|Assistant): ", "\n\n" + x[part].lstrip("\n"))
-                    turns = [(who, said.strip()) for who, said in zip(bits[1::2], bits[2::2])]
-                    if len(turns) < 2 or turns[-1][0] != "Assistant":
-                        raise ValueError("no 'Human:' turn followed by a final 'Assistant:' turn")
-                    yield {"id": f"hh-{part}-{_h(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
-                           "context": [t for _, t in turns[:-1]], "response": turns[-1][1]}
-                except (KeyError, TypeError, ValueError, AttributeError) as e:
-                    yield f"{where}: {part}: {_why(e)}"
+def _hh(x, seed):  # {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}: two datasets
+    out = []
+    for part in ("chosen", "rejected"):
+        bits = re.split(r"\n\n(Human|Assistant): ", "\n\n" + x[part].lstrip("\n"))
+        turns = [(who, said.strip()) for who, said in zip(bits[1::2], bits[2::2])]
+        if len(turns) < 2 or turns[-1][0] != "Assistant":
+            raise ValueError(f"{part}: no 'Human:' turn followed by a final 'Assistant:' turn")
+        out.append({"id": f"hh-{part}-{_h(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
+                    "context": [t for _, t in turns[:-1]], "response": turns[-1][1]})
+    return out
 
 
-def _import_amazonqa(paths, seed):
-    for path in paths:
-        for where, x in _items(path):
-            if isinstance(x, DataError):
-                yield f"{where}: {x}"
-                continue
-            try:
-                q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
-                if not q or not answers:
-                    raise ValueError("empty question or no answers")
-                qid = x.get("qid") or f"{x.get('asin', '')}-{_h(q) % 16**8:08x}"
-                yield {"id": f"amazonqa-{qid}", "dataset": "amazonqa", "context": [q], "response": answers[0]}
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                yield f"{where}: {_why(e)}"
+def _amazonqa(x, seed):  # {"qid"?, "asin", "questionText", "answers": [{"answerText"}], "review_snippets"}
+    q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
+    if not q or not answers:
+        raise ValueError("empty question or no answers")
+    qid = x.get("qid") or f"{x.get('asin', '')}-{_h(q) % 16**8:08x}"
+    return [{"id": f"amazonqa-{qid}", "dataset": "amazonqa", "context": [q], "response": answers[0]}]
 
 
-def _import_coqa(paths, seed):
-    """One conversation per story, cut after a turn chosen by hash(seed, story id)."""
-    for path in paths:
-        for where, x in _items(path, key="data"):
-            if isinstance(x, DataError):
-                yield f"{where}: {x}"
-                continue
-            try:
-                qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
-                if not qs or len(qs) != len(ans):
-                    raise ValueError(f"{len(qs)} questions but {len(ans)} answers")
-                k = _h(seed, x["id"]) % len(qs)
-                turns = [t for qa in zip(qs[:k], ans[:k]) for t in qa] + [qs[k]]
-                turns[0] = f"{x['story'].strip()}\n\n{turns[0]}"
-                yield {"id": f"coqa-{x['id']}-{k + 1}", "dataset": "coqa", "context": turns, "response": ans[k]}
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                yield f"{where}: {_why(e)}"
+def _coqa(x, seed):  # {"id", "story", "questions": [{"input_text"}], "answers": [...]}: cut at a hashed turn
+    qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
+    if not qs or len(qs) != len(ans):
+        raise ValueError(f"{len(qs)} questions but {len(ans)} answers")
+    k = _h(seed, x["id"]) % len(qs)
+    turns = [t for qa in zip(qs[:k], ans[:k]) for t in qa] + [qs[k]]
+    turns[0] = f"{x['story'].strip()}\n\n{turns[0]}"
+    return [{"id": f"coqa-{x['id']}-{k + 1}", "dataset": "coqa", "context": turns, "response": ans[k]}]
 
 
-def _import_cornell(paths, seed):
-    """movie_lines.txt + movie_conversations.txt, fields separated by ' +++$+++ ', Latin-1."""
-    by_name = {os.path.basename(p): p for p in paths}
-    if set(by_name) != {"movie_lines.txt", "movie_conversations.txt"}:
+def _cornell(x, seed):  # built by _cornell_entries from the two files
+    return [{"id": f"cornell-{x['movie']}-{x['ids'][0]}", "dataset": "cornell-movie",
+             "context": x["turns"][:-1], "response": x["turns"][-1]}]
+
+
+def _cornell_entries(paths):
+    """movie_lines.txt + movie_conversations.txt (fields separated by ' +++$+++ ', Latin-1) ->
+    (where, {"movie", "ids", "turns"} or an error) per conversation."""
+    files = {os.path.basename(p): p for p in paths}
+    if set(files) != {"movie_lines.txt", "movie_conversations.txt"}:
         raise DataError("cornell-movie needs the two files movie_lines.txt and movie_conversations.txt")
     lines = {}
-    with open(by_name["movie_lines.txt"], encoding="iso-8859-1") as f:
+    with open(files["movie_lines.txt"], encoding="iso-8859-1") as f:
         for n, row in enumerate(f, 1):
             fields = row.rstrip("\n").split(" +++$+++ ")
             if len(fields) != 5:
-                yield f"{by_name['movie_lines.txt']}:{n}: expected 5 fields, got {len(fields)}"
-            else:
-                lines[fields[0]] = fields[4].strip()
-    with open(by_name["movie_conversations.txt"], encoding="iso-8859-1") as f:
+                yield f"{files['movie_lines.txt']}:{n}", ValueError(f"expected 5 fields, got {len(fields)}")
+            lines[fields[0]] = fields[-1].strip() if len(fields) == 5 else ""
+    with open(files["movie_conversations.txt"], encoding="iso-8859-1") as f:
         for n, row in enumerate(f, 1):
-            where = f"{by_name['movie_conversations.txt']}:{n}"
-            fields = row.rstrip("\n").split(" +++$+++ ")
+            where, fields = f"{files['movie_conversations.txt']}:{n}", row.rstrip("\n").split(" +++$+++ ")
             try:
                 ids = ast.literal_eval(fields[3]) if len(fields) == 4 else None
-                if not isinstance(ids, list) or len(ids) < 2:
-                    raise ValueError("expected 4 fields ending in a list of at least two line ids")
-                missing = [i for i in ids if not lines.get(i)]
-                if missing:
-                    raise ValueError(f"unknown or empty line id {missing[0]}")
-                yield {"id": f"cornell-{fields[2]}-{ids[0]}", "dataset": "cornell-movie",
-                       "context": [lines[i] for i in ids[:-1]], "response": lines[ids[-1]]}
-            except (ValueError, SyntaxError) as e:
-                yield f"{where}: {_why(e)}"
+            except (ValueError, SyntaxError):
+                ids = None
+            if not isinstance(ids, list) or len(ids) < 2:
+                yield where, ValueError("expected 4 fields ending in a list of at least two line ids")
+            elif not all(lines.get(i) for i in ids):
+                yield where, ValueError(f"unknown or empty line id {next(i for i in ids if not lines.get(i))}")
+            else:
+                yield where, {"movie": fields[2], "ids": ids, "turns": [lines[i] for i in ids]}
 
 
-def _why(e):
-    return f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-
-
-IMPORTERS = {"chatbot-arena": _import_arena, "hh-rlhf": _import_hh, "amazonqa": _import_amazonqa,
-             "coqa": _import_coqa, "cornell-movie": _import_cornell}
+IMPORTERS = {"chatbot-arena": _arena, "hh-rlhf": _hh, "amazonqa": _amazonqa, "coqa": _coqa, "cornell-movie": _cornell}
 
 
 def import_conversations(fmt, paths, *, n=None, seed=0):
-    """Conversation records (id, dataset, context, response) from a public release's own files.
-    Returns (records, problems): each malformed entry is one 'FILE:LINE: ...' string, never dropped
-    silently. With n, keep the n records per dataset with the smallest hash(seed, id): a seedable
-    sample that does not depend on file order. hh-rlhf yields two datasets (chosen, rejected)."""
+    """Conversation records (id, dataset, context, response) from a public release's own files
+    (JSON, JSONL or .jsonl.gz; Cornell's two text files). Returns (records, problems): each malformed
+    entry is one 'FILE:LINE: ...' (or 'FILE: item N: ...') string, never dropped silently. With n,
+    keep the n records per dataset with the smallest hash(seed, id): a seeded sample that does not
+    depend on file order. Ids are stable: the release's own, or a hash of the text."""
     if fmt not in IMPORTERS:
         raise DataError(f"unknown format '{fmt}' (choose from {', '.join(IMPORTERS)})")
+    entries = (_cornell_entries(paths) if fmt == "cornell-movie" else
+               (e for p in paths for e in _items(p, key="data" if fmt == "coqa" else None)))
     records, problems, seen = [], [], set()
-    for x in IMPORTERS[fmt](list(paths), seed):
-        if isinstance(x, str):
-            problems.append(x)
-            continue
+    for where, x in entries:
         try:
-            x = check_record(x, "conversation")
-        except DataError as e:
-            problems.append(f"{x['id']}: {e}")
+            if isinstance(x, Exception):
+                raise x
+            new = [check_record(r, "conversation") for r in IMPORTERS[fmt](x, seed)]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # DataError is a ValueError
+            problems.append(f"{where}: " + (f"missing field {e}" if isinstance(e, KeyError) else str(e)))
             continue
-        if x["id"] in seen:
-            problems.append(f"{x['id']}: duplicate conversation, kept the first")
-            continue
-        seen.add(x["id"])
-        records.append(x)
+        for r in new:
+            if r["id"] in seen:
+                problems.append(f"{where}: duplicate of an earlier conversation ('{r['id']}'), skipped")
+            else:
+                seen.add(r["id"])
+                records.append(r)
     if n:
         keep = set()
         for ds in {r["dataset"] for r in records}:
-            ids = sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: _h(seed, i))
-            keep.update(ids[:n])
+            keep.update(sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: _h(seed, i))[:n])
         records = [r for r in records if r["id"] in keep]
     return records, problems
 
@@ -685,7 +656,7 @@ class _Pseudo:
 
     def __call__(self, rec, real_ids):
         v, rng, n = self.variant, random.Random(_h(self.seed, rec["id"], rec["axis"])), len(real_ids)
-        words = " ".join(rec["explanation"].split()).split()
+        words = rec["explanation"].split()
         if v == "explanation":
             return real_ids
         if v == "shuffled":  # same words in a new order; SentencePiece encodes each word alone,
@@ -1014,8 +985,8 @@ def _preview(args):
         raise DataError("preview needs --tokenizer PATH (a tokenizer.model or a model folder)")
     tok = Tokenizer(tok_path)
     records = load_records(args.file, need_explanation=args.variant != "label", axes=args.axes)
-    examples = build_examples(records, tok, args.variant, order=args.order, template=args.template,
-                              max_len=args.max_len, seed=args.seed, axes=args.axes)
+    examples = build_examples(records, tok, args.variant, axes=args.axes, **_given(
+        order=args.order, template=args.template, max_len=args.max_len, seed=args.seed))
     cand = rating_token_ids(tok)
     for e in examples[:args.n]:
         d, ids = e.decision_pos, e.input_ids
@@ -1028,75 +999,83 @@ def _preview(args):
               f"candidates {[tok.piece(i) for i in cand]} = ids {cand}\n")
 
 
+def _given(**kw):
+    """Only the options the user gave, so that each default lives in one place: the function's."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _kind(path):
+    """What a file holds, from its first record: raw ratings, labelled records or conversations."""
+    if path.endswith(".csv"):
+        return "labelled"
+    first = next((r for _, r in _rows(path)), {})
+    return "raw" if isinstance(first, dict) and "ratings" in first else \
+        "labelled" if isinstance(first, dict) and "label" in first else "conversation"
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Commands:")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("validate", help="check a training, conversation or raw file; list every bad record")
+    axes = argparse.ArgumentParser(add_help=False)
+    axes.add_argument("--axes", help="JSON or 'name: description' file describing axes beyond the built-in three")
+    p = sub.add_parser("validate", parents=[axes], help="check a training, conversation or raw file; list every bad record")
     p.add_argument("file")
     p.add_argument("--need-explanation", action="store_true", help="every record must have an explanation")
-    p.add_argument("--axes", help="JSON or 'name: description' file describing extra axes")
-    p = sub.add_parser("aggregate", help="raw ensemble ratings -> one training record per (item, axis)")
+    p = sub.add_parser("aggregate", parents=[axes], help="raw ensemble ratings -> one training record per (item, axis)")
     p.add_argument("raw")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--method", default="mean", choices=METHODS + ("best",),
-                   help="mean of scores rescaled to 1-5 (the paper's choice), median, majority, or best on --golden")
-    p.add_argument("--golden", help="records (id, axis, label) with trusted labels: prints each method's MAE/MSE")
+                   help="mean of the scores rescaled to 1-5 (the paper's), median, majority, or best on --golden")
+    p.add_argument("--golden", help="records (id, axis, label) with trusted labels: prints each method's MAE and MSE")
     p.add_argument("--max-spread", type=float, help="drop items whose rescaled scores' std dev exceeds this")
-    p.add_argument("--axes", help="JSON or 'name: description' file describing extra axes")
     p = sub.add_parser("import", help="a public dataset's own files -> conversations.jsonl (input of rate.py)")
     p.add_argument("format", choices=sorted(IMPORTERS))
     p.add_argument("files", nargs="+")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--n", type=int, help="keep a seeded sample of N conversations per dataset")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("preview", help="print prompts and targets of a variant, decision position marked ▶")
+    p = sub.add_parser("preview", parents=[axes], help="print prompts and targets of a variant, decision position marked ▶")
     p.add_argument("file")
     p.add_argument("--variant", default="explanation", choices=VARIANTS)
-    p.add_argument("--order", default="rating_first", choices=ORDERS)
-    p.add_argument("--template", default="base", choices=TEMPLATES)
+    p.add_argument("--order", choices=ORDERS)
+    p.add_argument("--template", choices=TEMPLATES)
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--tokenizer", help="tokenizer.model or model folder (default: tokenizer.model beside FILE)")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--axes", help="JSON or 'name: description' file describing extra axes")
-    p = sub.add_parser("demo", help="write the synthetic demo corpus (conversations, raw, train, corpus, tokenizer)")
+    p.add_argument("--max-len", type=int)
+    p.add_argument("--seed", type=int)
+    p = sub.add_parser("demo", help="write the synthetic demo corpus (conversations, raw, train, golden, corpus, tokenizer)")
     p.add_argument("-o", "--out", default="demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-per-dataset", type=int, default=150)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-per-dataset", type=int)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "validate":
-            with _open(args.file) as f:
-                first = next((json.loads(x) for x in f if x.strip()), {}) if not args.file.endswith(".csv") else {}
-            kind = "raw" if "ratings" in first else "labelled" if "label" in first or args.file.endswith(".csv") else "conversation"
-            bad = []
-            recs = load_records(args.file, kind=kind, skip_bad=True, skipped=bad,
-                                need_explanation=args.need_explanation, axes=args.axes)
-            for b in bad:
-                print(f"error: {b}", file=sys.stderr)
-            settings = Counter((r["dataset"], r.get("axis", "-")) for r in recs)
-            print(f"{args.file}: {len(recs)} valid {kind} records, {len(bad)} bad; "
-                  f"{len(settings)} (dataset, axis) settings")
+            bad, kind = [], _kind(args.file)
+            try:
+                recs = load_records(args.file, kind=kind, skip_bad=True, skipped=bad,
+                                    need_explanation=args.need_explanation, axes=args.axes)
+            finally:  # every bad record, one line each, even when none was good
+                print("\n".join(f"error: {b}" for b in bad), file=sys.stderr, end="\n" if bad else "")
+            settings = {(r["dataset"], r.get("axis", "-")) for r in recs}
+            print(f"{args.file}: {len(recs)} valid {kind} records, {len(bad)} bad; {len(settings)} (dataset, axis) settings")
             return 2 if bad else 0
         if args.cmd == "aggregate":
-            golden = None
-            if args.golden:
-                golden = {(r["id"], r["axis"]): r["label"] for r in load_records(args.golden, kind="golden", axes=args.axes)}
+            golden = args.golden and {(r["id"], r["axis"]): r["label"]
+                                      for r in load_records(args.golden, kind="golden", axes=args.axes)}
             records, report = aggregate(load_records(args.raw, kind="raw", axes=args.axes), args.method,
                                         golden=golden, max_spread=args.max_spread)
             write_jsonl(records, args.out)
             print(format_report(report) + f"\nwrote {args.out}")
         elif args.cmd == "import":
             records, problems = import_conversations(args.format, args.files, n=args.n, seed=args.seed)
-            for msg in problems:
-                print(f"warning: {msg}", file=sys.stderr)
+            print("\n".join(f"warning: {m}" for m in problems), file=sys.stderr, end="\n" if problems else "")
             write_jsonl(records, args.out)
             print(f"wrote {len(records)} conversations to {args.out} ({len(problems)} entries skipped, listed above)")
         elif args.cmd == "preview":
             _preview(args)
         elif args.cmd == "demo":
-            paths = write_demo(args.out, seed=args.seed, n_per_dataset=args.n_per_dataset)
+            paths = write_demo(args.out, **_given(seed=args.seed, n_per_dataset=args.n_per_dataset))
             print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

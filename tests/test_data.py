@@ -411,9 +411,9 @@ def test_import_chatbot_arena(tmp_path):
     path = tmp_path / "arena.json"
     path.write_text(json.dumps([good, bad]), encoding="utf-8")
     records, problems = data.import_conversations("chatbot-arena", [str(path)])
-    assert [r["id"] for r in records] == ["arena-q1-a", "arena-q1-b", "arena-q2-a"]
+    assert [r["id"] for r in records] == ["arena-q1-a", "arena-q1-b"]
     assert records[1]["context"] == ["Wie spät ist es?"] and records[1]["response"] == "Keine Ahnung 🤷"
-    assert problems == [f"{path}: item 1: conversation_b: must end with an assistant turn"]
+    assert problems == [f"{path}: item 1: conversation_b must end with an assistant turn"]
 
 
 def test_import_hh_rlhf(tmp_path):
@@ -421,9 +421,9 @@ def test_import_hh_rlhf(tmp_path):
     path = write(tmp_path / "train.jsonl", [{"chosen": chosen, "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
                                            "{broken", {"chosen": "no turns here", "rejected": chosen}])
     records, problems = data.import_conversations("hh-rlhf", [path])
-    assert [r["dataset"] for r in records] == ["hh-rlhf-chosen", "hh-rlhf-rejected", "hh-rlhf-rejected"]
+    assert [r["dataset"] for r in records] == ["hh-rlhf-chosen", "hh-rlhf-rejected"]
     assert records[0]["context"] == ["¿Qué hora es?", "Son las doce.", "¿Seguro?"] and records[0]["response"] == "Sí."
-    assert records[0]["id"].startswith("hh-chosen-") and records[0]["id"][-12:] == records[2]["id"][-12:]
+    assert records[0]["id"].startswith("hh-chosen-") and records[1]["id"].startswith("hh-rejected-")
     assert problems == [f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)",
                         f"{path}:3: chosen: no 'Human:' turn followed by a final 'Assistant:' turn"]
 
@@ -546,6 +546,10 @@ def test_cli(tmp_path, demo, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert data.main(["aggregate", str(tmp_path / "missing.jsonl"), "-o", out]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+    qa = write(tmp_path / "qa.jsonl", [{"qid": "1", "questionText": "Why?", "answers": [{"answerText": "So."}]}, "{"])
+    assert data.main(["import", "amazonqa", qa, "-o", out]) == 0
+    assert capsys.readouterr().err == f"warning: {qa}:2: not valid JSON (Expecting property name enclosed in double quotes)\n"
+    assert data.main(["validate", out]) == 0 and "1 valid conversation records" in capsys.readouterr().out
 
 
 def test_cli_subprocess_errors_are_one_line(tmp_path):
