@@ -58,6 +58,20 @@ def test_bootstrap_interval_and_middle_third():
     assert list(A.middle_third(32)) == list(range(11, 22))
 
 
+def test_runs_pool_by_example_and_differences_pair_them():
+    ids = [("a", "naturalness"), ("a", "on_topic"), ("b", "naturalness")]
+    run = lambda order, act, top: {"ids": [ids[i] for i in order], "act_entropy": np.array(act, float),
+                                   "top_prob": np.array(top, float)}
+    one = run([0, 1, 2], [[1, 2, 3]] * 3, [0.5, 0.6, 0.7])
+    two = run([2, 0, 1], [[3, 4, 5]] * 3, [0.9, 0.7, 0.8])  # same examples, another order
+    pooled = A.pool_runs([one, two])
+    assert pooled["ids"] == ids and np.allclose(pooled["top_prob"], [0.6, 0.7, 0.8])
+    label = run([1, 0], [[0, 0, 0]] * 2, [0.1, 0.2])  # a subset: only shared examples are paired
+    diff = A.paired_difference(pooled, label)
+    assert np.isclose(diff["act_entropy"]["mean"], 3.0)  # middle third of 3 layers = layer 2
+    assert np.isclose(diff["top_prob"]["mean"], ((0.6 - 0.2) + (0.7 - 0.1)) / 2)
+
+
 # ----------------------------------------------------------------------------- hooks
 
 def tiny_pair(tmp_path, sliding_window=None, layers=3):
