@@ -1,5 +1,6 @@
 """analysis.py: entropy functions on constructed vectors, hooks against a hand-stepped forward pass
 and against transformers' eager attention, the logit lens at the last layer, and whole runs."""
+import importlib.util
 import json
 import math
 import os
@@ -145,7 +146,8 @@ def test_measure_batch_is_consistent_with_the_model(tmp_path):
 
 # ----------------------------------------------------------------------------- whole runs
 
-WORDS = "the reply is clear short polite vague helpful rude long fluent odd kind wrong apt".split()
+WORDS = ["the", "reply", "is", "clear", "short", "polite", "vague", "helpful", "rude", "long", "fluent", "odd",
+         "kind", "wrong", "apt"]
 
 
 def write_records(path, n=60):
@@ -185,7 +187,7 @@ def test_analysis_of_runs_is_deterministic_and_complete(runs, tmp_path, capsys):
     argv = [runs["label"], runs["expl"], runs["expl-first"], "--n", "6", "--batch-size", "4"]
     A.main(argv + ["--out", str(tmp_path / "a")])
     A.main(argv + ["--out", str(tmp_path / "b")])
-    first, second = (json.load(open(tmp_path / d / "analysis.json")) for d in ("a", "b"))
+    first, second = (json.loads((tmp_path / d / "analysis.json").read_text()) for d in ("a", "b"))
     assert first == second
     assert (tmp_path / "a" / "per_layer.csv").read_text() == (tmp_path / "b" / "per_layer.csv").read_text()
     assert list(first["variants"]) == ["label", "explanation", "explanation/explain_first"]
@@ -199,18 +201,15 @@ def test_analysis_of_runs_is_deterministic_and_complete(runs, tmp_path, capsys):
     rows = (tmp_path / "a" / "per_layer.csv").read_text().splitlines()
     assert rows[0] == "scope,name,variant,layer,metric,mean,lo,hi,n" and len(rows) > 3 * 3 * 6
     assert "middle_third" in (tmp_path / "a" / "summary.csv").read_text()
-    try:  # the plot exists exactly when matplotlib does
-        import matplotlib  # noqa: F401
-        assert (tmp_path / "a" / "entropy_by_layer.png").exists()
-    except ImportError:
-        assert not (tmp_path / "a" / "entropy_by_layer.png").exists()
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "a" / "entropy_by_layer.png").exists() == has_matplotlib
     with pytest.MonkeyPatch.context() as mp:  # without matplotlib: no plot, no error
         mp.setitem(sys.modules, "matplotlib", None)
         assert A.plot(first, str(tmp_path / "c")) is None
 
 
 def test_explain_first_run_reads_the_rating_after_the_explanation(runs):
-    model, tok, device, cfg = A.load_run(runs["expl-first"])
+    _, tok, _, cfg = A.load_run(runs["expl-first"])
     ex = A.run_examples(cfg, tok, "test", n=3)
     for e in ex:  # the decision position predicts the rating, which follows the explanation
         assert e.input_ids[e.decision_pos + 1] in data.rating_token_ids(tok)
