@@ -17,16 +17,6 @@ import lora
 from model import Config, Transformer, load_model, save_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine a descheduled thread stalls
-    every small kernel; one thread keeps these tests fast and their timings steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read(path):
     with open(path) as f:
         return f.read()
@@ -213,6 +203,7 @@ def test_scoring_is_faster_than_full_sequence_logits(mistral_v1_model):
         return logits[torch.arange(len(batch["label"])), batch["decision_pos"]][:, rating_ids].softmax(-1)
 
     # batch by batch, the two ways in turn, so that a busy machine slows both alike; one warm-up batch
+    # (conftest.py runs the tests on one thread, so a descheduled thread stalls neither)
     times = []
     with torch.no_grad():
         for i in range(-4, len(examples), 4):
