@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import sentencepiece as spm
-import torch
 
 IGNORE_INDEX = -100  # label of every position that carries no loss: prompt and padding
 AXES = {  # built-in axes and the description each prompt states; users add others with --axes
@@ -758,6 +757,8 @@ def text_examples(path, tok, max_len=256):
 def collate(examples, pad_id):
     """Right-padded batch tensors. targets[:, t] is the token the logits at t must predict (labels
     shifted left by one) or IGNORE_INDEX: the one place in the project where the shift happens."""
+    import torch  # only here: the command line starts much faster without it
+
     B, T = len(examples), max(len(e.input_ids) for e in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
