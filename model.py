@@ -277,7 +277,10 @@ class Transformer(nn.Module):
         return allowed
 
     def n_params(self):
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the model, counting a 4-bit layer's weight as in x out (it holds no Parameter)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n + sum(m.in_features * m.out_features for m in self.modules()
+                       if not isinstance(m, nn.Linear) and hasattr(m, "dequantize") and hasattr(m, "codes"))
 
 
 # ----------------------------------------------------------------------------- loading and saving
@@ -351,14 +354,15 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != tuple(expected[key]):
                         raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {tuple(expected[key])}")
-                    t = f.get_tensor(key).to(device=device, dtype=dtype)
+                    t = f.get_tensor(key)  # a view into the shard's memory-mapped file
                     if quantize and key.endswith("_proj.weight"):
                         from quant import NF4Linear
-                        module = key[: -len(".weight")]
-                        model.set_submodule(module, NF4Linear.from_weight(t, compute_dtype=dtype))
+                        # cast first, then quantise on the target device: the codes match bitsandbytes'
+                        layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device)
+                        model.set_submodule(key[: -len(".weight")], layer)
                         quantized[key] = True
-                    else:
-                        state[key] = t
+                    else:  # an owned copy: a view would keep the whole shard's pages resident
+                        state[key] = t.to(device=device, dtype=dtype, copy=True)
                 if keys is not None and (gone := set(keys) - set(f.keys())):
                     raise ModelError(f"{file}: lacks tensor {sorted(gone)[0]!r} that the index places there")
         except SafetensorError as e:
@@ -388,9 +392,9 @@ def save_model(model, path, max_shard_size="2GB"):
     `transformers` and `load_model` both read. LoRA must be merged first (`lora.merge_lora`)."""
     from safetensors.torch import save_file
 
+    if any(not isinstance(m, nn.Linear) and hasattr(m, "dequantize") or hasattr(m, "lora_A") for m in model.modules()):
+        raise ModelError("save_model needs plain weights: merge LoRA (lora.merge_lora) and 4-bit layers first")
     state = model.state_dict()
-    if any(".lora_" in k or ".base_layer." in k or k.endswith((".codes", ".absmax")) for k in state):
-        raise ModelError("save_model needs plain weights: merge LoRA (lora.merge_lora) before saving")
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     os.makedirs(path, exist_ok=True)

@@ -314,8 +314,9 @@ def run(cfg, loss_hook=None):
     if cfg.dry_run:
         return None
 
-    if master:
-        write_atomic(os.path.join(cfg.out, "train_config.json"), json.dumps(asdict(cfg), indent=2))
+    if master:  # absolute paths, so eval.py and analysis.py find the base and data from anywhere
+        saved = replace(cfg, model=os.path.abspath(cfg.model), data=os.path.abspath(cfg.data))
+        write_atomic(os.path.join(cfg.out, "train_config.json"), json.dumps(asdict(saved), indent=2))
     train_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
