@@ -158,7 +158,7 @@ def train_tokenizer(corpus_path, out_prefix, vocab_size=2000):
 def load_axes(axes=None):
     """Built-in AXES plus user ones: a dict, or a JSON file {name: description}, or a text file of
     'name: description' lines."""
-    out = dict(AXES)
+    out, path = dict(AXES), axes
     if isinstance(axes, str):
         with open(axes, encoding="utf-8") as f:
             text = f.read()
@@ -166,6 +166,8 @@ def load_axes(axes=None):
             axes = json.loads(text)
         except json.JSONDecodeError:
             axes = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if not isinstance(axes, dict) or not all(isinstance(v, str) for v in axes.values()):
+            raise DataError(f"{path}: expected {{axis: description}} or 'axis: description' lines")
         axes = {k.strip(): v.strip() for k, v in axes.items()}
     out.update(axes or {})
     return out
@@ -861,7 +863,7 @@ def _pick(rng, choices):
 
 
 def _demo_item(rng, dataset, probs):
-    """One conversation with hidden cues: (context, response, topic, cues)."""
+    """One conversation with hidden cues: (context, response, cues)."""
     topic, other, third = rng.sample(sorted(TOPICS), 3)
     noun, goal = _pick(rng, TOPICS[topic][0]).split(":")
     cues = {c: rng.random() < p for axis, p in zip(CUES, probs) for c in CUES[axis]}
@@ -873,7 +875,7 @@ def _demo_item(rng, dataset, probs):
         "amazonqa": [f"Will this kit help me {goal}?"],
         "coqa": [f"{name} wanted to {goal} and asked a friend.\n\nHow can {name} {goal}?"],
         "cornell-movie": [f"{name}, I must {goal} tonight.", "Why tonight?", f"Just tell me how to {goal}."],
-    }[dataset.replace("rejected", "chosen")]
+    }[dataset.replace("rejected", "chosen")]  # both HH-RLHF sets ask alike; they differ in quality
     src = TOPICS[topic if cues["topic"] else other]  # where the advice comes from
     nouns = [x.split(":")[0] for x in src[0].split("|")]
     asked = noun if cues["asked"] else rng.choice([n for n in nouns if n != noun])
@@ -900,7 +902,7 @@ def _demo_item(rng, dataset, probs):
                      [f"Anyway, do you like {other_noun}?", f"Have you ever tried {other_noun}?"]))
     if not cues["complete"]:
         out.append(_pick(rng, "and then the|so if you|but the the|which is why"))
-    return context, " ".join(out), topic, cues
+    return context, " ".join(out), cues
 
 
 def _demo_explanation(rng, axis, cues, mention=1.0, flip=0.0):
@@ -934,7 +936,7 @@ def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=200
     raw = [[] for _ in RATERS]  # per rater, one line per item with its 12 ratings
     for dataset, (prefix, probs) in DEMO_SETS.items():
         for i in range(n_per_dataset):
-            context, response, topic, cues = _demo_item(rng, dataset, probs)
+            context, response, cues = _demo_item(rng, dataset, probs)
             conv = {"id": f"{prefix}-{i:04d}", "dataset": dataset, "context": context, "response": response}
             convs.append(conv)
             lines = [{**conv, "ratings": []} for _ in RATERS]
@@ -970,7 +972,7 @@ def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=200
     with open(paths["corpus"], "w", encoding="utf-8") as f:
         for i in range(n_corpus):
             dataset = crng.choice(sorted(DEMO_SETS))
-            context, response, _, cues = _demo_item(crng, dataset, DEMO_SETS[dataset][1])
+            context, response, cues = _demo_item(crng, dataset, DEMO_SETS[dataset][1])
             rec = {"id": str(i), "axis": crng.choice(sorted(AXES)), "context": context, "response": response}
             f.write(_prompt_body(rec, AXES) + "\n\n")
             f.write(_demo_explanation(crng, rec["axis"], {c: crng.random() < 0.5 for c in cues}) + "\n\n")
