@@ -73,10 +73,17 @@ class RssSampler:
 
 # ----------------------------------------------------------------------------- workers
 
-def run_worker(argv, timeout=3600):
+# glibc keeps freed heap memory for reuse, so after a few steps the RSS of a PyTorch process sits well
+# above the bytes it holds. With this setting every allocation of 64 KiB or more is its own mapping,
+# returned to the OS when the tensor is freed: RSS then follows the live bytes (the CPU analogue of
+# torch.cuda.max_memory_allocated). The benchmarks report peak RSS both ways.
+LIVE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_worker(argv, timeout=3600, env=None):
     """Run `python argv...` in a fresh process; it prints one JSON object on its last stdout line."""
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"worker {' '.join(argv)} failed with exit status {proc.returncode}")
@@ -160,3 +167,78 @@ def write_json(path, name, obj):
 
 def tempdir(prefix):
     return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+# ----------------------------------------------------------------------------- models with the same weights
+
+def mistral_56m():
+    """The CPU profile of issue 8: Mistral-shaped, about 56M parameters, fp32."""
+    from model import Config
+    return Config(name="mistral-56m", arch="mistral", vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                  n_layers=8, n_heads=8, n_kv_heads=4, torch_dtype="float32")
+
+
+def init_weights_(model, seed=0):
+    """The same random weights in any model with HF parameter names: norms 1, the rest N(0, 0.02),
+    each tensor from a generator seeded by its name (the order of construction does not matter).
+    LoRA tensors are left alone."""
+    import zlib
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def synthetic_ours(config, device, dtype, seed=0):
+    """model.Transformer built on the meta device and filled on `device`: never on disk or host."""
+    import torch
+    from model import Transformer
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    return init_weights_(model.to_empty(device=device), seed)
+
+
+def hf_config(config):
+    import transformers
+    cls = transformers.MistralConfig if config.arch == "mistral" else transformers.LlamaConfig
+    return cls(**config.to_hf())
+
+
+def synthetic_hf(config, device, dtype, seed=0):
+    """The same weights as synthetic_ours, in a transformers model built on meta and filled on `device`."""
+    import torch
+    import transformers
+    cfg = hf_config(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    rotary = model.model.rotary_emb  # its inv_freq buffers are not parameters: compute them again
+    model.model.rotary_emb = type(rotary)(cfg).to(device)
+    return init_weights_(model, seed)
+
+
+def write_checkpoint(config, path, dtype, seed=0, max_shard_size="1GB"):
+    """A Hugging Face-format folder with init_weights_'s weights in `dtype`, which both sides load."""
+    from model import save_model
+    save_model(synthetic_ours(config, "cpu", dtype, seed), path, max_shard_size=max_shard_size)
+    return path
+
+
+def warm_up_torch(device):
+    """Pay torch's one-time costs (thread pools, kernel libraries, the autograd engine) before a
+    memory baseline is read, so that no side is charged for them: a tiny forward, backward, AdamW."""
+    import torch
+    import torch.nn.functional as F
+    w = torch.nn.Linear(64, 64, device=device)
+    x = torch.randn(2, 4, 8, 64, device=device)
+    y = F.scaled_dot_product_attention(x, x, x, is_causal=True)
+    F.cross_entropy(w(F.silu(y)).flatten(0, 2), torch.zeros(64, dtype=torch.long, device=device)).backward()
+    torch.optim.AdamW(w.parameters(), fused=True if torch.device(device).type == "cuda" else None).step()
+    synchronize(device)

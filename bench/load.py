@@ -1,0 +1,128 @@
+"""Loading a sharded bf16 checkpoint of about 1B parameters: this project vs transformers.from_pretrained.
+
+    python bench/load.py              # ~1B parameters (hidden 2048, 16 layers, vocab 32000), ~500 MB shards
+    python bench/load.py --smoke      # a few MB, seconds (tests/test_bench.py)
+
+The checkpoint is written here, into a temporary folder, with random weights (model.save_model),
+then read once so that the page cache is warm for every load. Each load runs in a fresh process:
+imports first, then the post-import RSS as the baseline, then the timed call,
+`model.load_model(path, dtype="bfloat16")` or `AutoModelForCausalLM.from_pretrained(path,
+dtype=torch.bfloat16)`. Peak memory is VmHWM over that baseline, relative to the checkpoint's bytes;
+a sampling thread also records how much of the peak was file-backed (pages of a memory-mapped shard,
+which the kernel can drop) and how much anonymous. Sides alternate, fresh process each time; the
+median of the repetitions is reported.
+"""
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+
+import common  # puts the project root on sys.path
+import torch
+
+from model import Config
+
+CONFIG_1B = Config(name="llama-1b-shape", arch="mistral", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                   n_layers=16, n_heads=16, n_kv_heads=16, torch_dtype="bfloat16")
+PROFILES = {  # (config, shard size)
+    "cpu": (CONFIG_1B, "500MB"),
+    "smoke": (Config(name="smoke", arch="mistral", vocab_size=1000, hidden_size=128, intermediate_size=256,
+                     n_layers=2, n_heads=4, n_kv_heads=4, torch_dtype="bfloat16"), "300KB"),
+}
+
+
+def worker(side, path):
+    """In a fresh process: load once, report time and memory."""
+    if side == "ours":
+        from model import load_model
+        load = lambda: load_model(path, device="cpu", dtype="bfloat16")  # noqa: E731
+    else:
+        import transformers
+        import transformers.models.mistral.modeling_mistral  # noqa: F401  (an import, not loading)
+        load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # noqa: E731
+    common.warm_up_torch("cpu")
+    base, base_anon, base_file = common.rss_bytes(), common._status_kib("RssAnon") * 1024, common._status_kib("RssFile") * 1024
+    common.reset_peak_rss()
+    with common.RssSampler() as sampler:
+        t0 = time.perf_counter()
+        model = load()
+        seconds = time.perf_counter() - t0
+    peak = common.peak_rss_bytes()
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert all(t.dtype == torch.bfloat16 for n, t in tensors.items() if "inv_freq" not in n), "not bf16"
+    common.worker_reply({"load_s": seconds, "peak_bytes": peak - base, "after_bytes": common.rss_bytes() - base,
+                         "peak_anon_bytes": sampler.max_anon - base_anon, "peak_file_bytes": sampler.max_file - base_file,
+                         "checksum": float(model.lm_head.weight.float()[:4].sum() + model.model.norm.weight.float().sum())})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="a tiny checkpoint, a few seconds")
+    p.add_argument("--reps", type=int, default=3, help="loads per side, alternating, each in a fresh process")
+    p.add_argument("--json", default=None, help="where to write the results (default bench/results/load.json)")
+    p.add_argument("--worker", nargs=2, metavar=("SIDE", "PATH"), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+
+    config, shard = PROFILES["smoke" if args.smoke else "cpu"]
+    sides = ["ours", "hf"]
+    with common.tempdir("bench-load-") as tmp:
+        path = os.path.join(tmp, "ckpt")
+        t0 = time.perf_counter()
+        common.write_checkpoint(config, path, torch.bfloat16, max_shard_size=shard)
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        ckpt_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in files)
+        index = os.path.join(path, "model.safetensors.index.json")
+        tensor_bytes = json.load(open(index))["metadata"]["total_size"] if os.path.exists(index) else ckpt_bytes
+        n_params = tensor_bytes // 2  # bf16: two bytes a parameter
+        print(f"loading: a {n_params / 1e6:,.0f}M-parameter bf16 checkpoint ({config.n_layers} layers, hidden "
+              f"{config.hidden_size}, vocab {config.vocab_size}), {len(files)} shards, {ckpt_bytes / 1e9:.2f} GB on disk, "
+              f"written in {time.perf_counter() - t0:.0f} s")
+        for f in files:  # warm the page cache, so that neither side pays for the disk
+            with open(os.path.join(path, f), "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+        print(f"{args.reps} loads per side, alternating, each in a fresh process; memory: VmHWM over the "
+              f"post-import RSS; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+        runs = {s: [] for s in sides}
+        for rep in range(args.reps):
+            for s in (sides if rep % 2 == 0 else sides[::-1]):
+                runs[s].append(common.run_worker([os.path.abspath(__file__), "--worker", s, path]))
+
+    res = {}
+    for s in sides:
+        rs = runs[s]
+        res[s] = {k: common.median([r[k] for r in rs]) for k in rs[0] if k != "checksum"}
+        res[s]["load_s_all"] = [r["load_s"] for r in rs]
+        res[s]["peak_over_ckpt"] = res[s]["peak_bytes"] / tensor_bytes
+        res[s]["checksum"] = rs[0]["checksum"]
+    same = abs(res["ours"]["checksum"] - res["hf"]["checksum"]) < 1e-3
+    print()
+    rows = [[name, f"{r['load_s']:.2f} s", common.gib(r["peak_bytes"]), f"{r['peak_over_ckpt']:.2f}x",
+             common.gib(r["peak_anon_bytes"]), common.gib(r["peak_file_bytes"]), common.gib(r["after_bytes"])]
+            for name, r in (("this project (load_model)", res["ours"]), ("transformers (from_pretrained)", res["hf"]))]
+    rows.append(["ratio (ours / transformers)", f"{res['ours']['load_s'] / res['hf']['load_s']:.2f}x",
+                 f"{res['ours']['peak_bytes'] / res['hf']['peak_bytes']:.2f}x", "", "", "", ""])
+    common.table(rows, ["side", "load (median)", "peak RSS", "x ckpt bytes", "anon peak", "file peak", "after"])
+    print(f"  checkpoint tensors: {common.gib(tensor_bytes)}; both loaded the same weights: {same}")
+    targets = [
+        {"target": "load time vs transformers", "value": res["ours"]["load_s"] / res["hf"]["load_s"],
+         "goal": "<= 1.00x", "pass": res["ours"]["load_s"] <= res["hf"]["load_s"]},
+        {"target": "peak RSS / checkpoint bytes", "value": res["ours"]["peak_over_ckpt"], "goal": "<= 1.20x",
+         "pass": res["ours"]["peak_over_ckpt"] <= 1.2},
+    ]
+    for t in targets:
+        print(f"  {common.verdict(t['pass'])}  {t['target']}: {t['value']:.2f} (goal {t['goal']})")
+    out = {"benchmark": "load", "profile": "smoke" if args.smoke else "cpu", "config": config.to_hf(),
+           "shard_size": shard, "n_shards": len(files), "checkpoint_bytes": tensor_bytes, "file_bytes": ckpt_bytes,
+           "machine": common.machine(), "method": f"median of {args.reps} loads per side, alternating, fresh process "
+           "each; page cache warm; peak = VmHWM - RSS after imports", "sides": res, "same_weights": same,
+           "targets": targets}
+    common.write_json(args.json, "load" + ("_smoke" if args.smoke else ""), out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
