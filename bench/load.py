@@ -7,9 +7,12 @@ The checkpoint is written here, into a temporary folder, with random weights (mo
 then read once so that the page cache is warm for every load. Each load runs in a fresh process:
 imports first, then the post-import RSS as the baseline, then the timed call,
 `model.load_model(path, dtype="bfloat16")` or `AutoModelForCausalLM.from_pretrained(path,
-dtype=torch.bfloat16)`. Peak memory is VmHWM over that baseline, relative to the checkpoint's bytes;
-a sampling thread also records how much of the peak was file-backed (pages of a memory-mapped shard,
-which the kernel can drop) and how much anonymous. Sides alternate, fresh process each time; the
+dtype=torch.bfloat16)`, then a one-token forward pass. transformers keeps its CPU weights as views of
+the memory-mapped shards, so its call returns before the weights are read; the forward pass reads
+them, so "load + first forward" is the time to a usable model on both sides. Peak memory is VmHWM over
+the baseline, through that forward, relative to the checkpoint's bytes; a sampling thread also
+records how much was file-backed (pages of a memory-mapped shard: page cache the kernel can drop) and
+how much anonymous. Sides alternate, fresh process each time; the
 median of the repetitions is reported.
 """
 import argparse
@@ -33,7 +36,8 @@ PROFILES = {  # (config, shard size)
 
 
 def worker(side, path):
-    """In a fresh process: load once, report time and memory."""
+    """In a fresh process: load once, then one forward pass on one token (it reads every weight, so
+    a loader that maps the file lazily pays for the reading there), report time and memory."""
     if side == "ours":
         from model import load_model
         load = lambda: load_model(path, device="cpu", dtype="bfloat16")  # noqa: E731
@@ -42,16 +46,22 @@ def worker(side, path):
         import transformers.models.mistral.modeling_mistral  # noqa: F401  (an import, not loading)
         load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # noqa: E731
     common.warm_up_torch("cpu")
-    base, base_anon, base_file = common.rss_bytes(), common._status_kib("RssAnon") * 1024, common._status_kib("RssFile") * 1024
+    base_anon, base_file = common._status_kib("RssAnon") * 1024, common._status_kib("RssFile") * 1024
+    base = common.rss_bytes()
     common.reset_peak_rss()
     with common.RssSampler() as sampler:
         t0 = time.perf_counter()
         model = load()
-        seconds = time.perf_counter() - t0
+        load_s = time.perf_counter() - t0
+        load_peak = common.peak_rss_bytes()
+        with torch.no_grad():
+            model(torch.ones(1, 1, dtype=torch.long))
+        ready_s = time.perf_counter() - t0
     peak = common.peak_rss_bytes()
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     assert all(t.dtype == torch.bfloat16 for n, t in tensors.items() if "inv_freq" not in n), "not bf16"
-    common.worker_reply({"load_s": seconds, "peak_bytes": peak - base, "after_bytes": common.rss_bytes() - base,
+    common.worker_reply({"load_s": load_s, "ready_s": ready_s, "load_peak_bytes": load_peak - base,
+                         "peak_bytes": peak - base, "after_bytes": common.rss_bytes() - base,
                          "peak_anon_bytes": sampler.max_anon - base_anon, "peak_file_bytes": sampler.max_file - base_file,
                          "checksum": float(model.lm_head.weight.float()[:4].sum() + model.model.norm.weight.float().sum())})
 
@@ -96,19 +106,27 @@ def main(argv=None):
         rs = runs[s]
         res[s] = {k: common.median([r[k] for r in rs]) for k in rs[0] if k != "checksum"}
         res[s]["load_s_all"] = [r["load_s"] for r in rs]
+        res[s]["ready_s_all"] = [r["ready_s"] for r in rs]
         res[s]["peak_over_ckpt"] = res[s]["peak_bytes"] / tensor_bytes
         res[s]["checksum"] = rs[0]["checksum"]
     same = abs(res["ours"]["checksum"] - res["hf"]["checksum"]) < 1e-3
     print()
-    rows = [[name, f"{r['load_s']:.2f} s", common.gib(r["peak_bytes"]), f"{r['peak_over_ckpt']:.2f}x",
-             common.gib(r["peak_anon_bytes"]), common.gib(r["peak_file_bytes"]), common.gib(r["after_bytes"])]
+    rows = [[name, f"{r['load_s']:.2f} s", f"{r['ready_s']:.2f} s", common.gib(r["load_peak_bytes"]),
+             common.gib(r["peak_bytes"]), f"{r['peak_over_ckpt']:.2f}x", common.gib(r["peak_anon_bytes"]),
+             common.gib(r["peak_file_bytes"])]
             for name, r in (("this project (load_model)", res["ours"]), ("transformers (from_pretrained)", res["hf"]))]
     rows.append(["ratio (ours / transformers)", f"{res['ours']['load_s'] / res['hf']['load_s']:.2f}x",
-                 f"{res['ours']['peak_bytes'] / res['hf']['peak_bytes']:.2f}x", "", "", "", ""])
-    common.table(rows, ["side", "load (median)", "peak RSS", "x ckpt bytes", "anon peak", "file peak", "after"])
-    print(f"  checkpoint tensors: {common.gib(tensor_bytes)}; both loaded the same weights: {same}")
+                 f"{res['ours']['ready_s'] / res['hf']['ready_s']:.2f}x", "",
+                 f"{res['ours']['peak_bytes'] / res['hf']['peak_bytes']:.2f}x", "", "", ""])
+    common.table(rows, ["side", "load call", "+ 1st forward", "peak in call", "peak RSS", "x ckpt bytes",
+                        "anon peak", "file peak"])
+    print(f"  checkpoint tensors: {common.gib(tensor_bytes)}; both loaded the same weights: {same}. 'load call' is the "
+          "call alone;\n  '+ 1st forward' adds a one-token forward pass, which touches every weight (a loader that "
+          "maps the file\n  reads it there). Peak RSS is through that forward; file-backed pages are page cache.")
     targets = [
-        {"target": "load time vs transformers", "value": res["ours"]["load_s"] / res["hf"]["load_s"],
+        {"target": "load + first forward time vs transformers", "value": res["ours"]["ready_s"] / res["hf"]["ready_s"],
+         "goal": "<= 1.00x", "pass": res["ours"]["ready_s"] <= res["hf"]["ready_s"]},
+        {"target": "load call time vs transformers", "value": res["ours"]["load_s"] / res["hf"]["load_s"],
          "goal": "<= 1.00x", "pass": res["ours"]["load_s"] <= res["hf"]["load_s"]},
         {"target": "peak RSS / checkpoint bytes", "value": res["ours"]["peak_over_ckpt"], "goal": "<= 1.20x",
          "pass": res["ours"]["peak_over_ckpt"] <= 1.2},
