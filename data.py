@@ -836,14 +836,14 @@ TOPICS = {
               "I found 40 pounds a month|my sister cleared hers in a year"),
 }
 PHRASES = {  # cue -> (verb phrases when good, when bad); explanations say "The reply <phrases>, but it <phrases>."
-    "fluent": ("reads fluently|has clean grammar", "has scrambled word order|jumbles a sentence"),
-    "no_repeat": ("says each thing once|avoids repetition", "repeats a sentence|says the same thing twice"),
+    "fluent": ("reads fluently|has clean grammar", "has broken grammar|makes a grammar mistake"),
+    "no_repeat": ("says each thing once|avoids repetition", "repeats its advice|says the same thing twice"),
     "human": ("sounds like a real person|has a warm tone", "sounds robotic|opens like a machine"),
     "complete": ("ends cleanly|finishes its thought", "trails off at the end|stops mid-sentence"),
     "reason": ("explains why it works|gives a reason", "never says why|gives no reason"),
     "example": ("includes an example|backs it up with an example", "has no example|lacks a concrete example"),
     "topic": ("fits the subject|stays on the subject", "drifts to another subject|gives advice on something else"),
-    "asked": ("answers the actual question|addresses what was asked", "mixes up what was asked|answers about the wrong thing"),
+    "asked": ("answers the actual question|addresses what was asked", "mistakes what was asked|answers about the wrong thing"),
     "focus": ("stays focused|has no digressions", "wanders off on a tangent|adds an unrelated aside"),
     "closing": ("closes on the question|wraps up on point", "ends with an off-topic question|closes on something unrelated"),
     "details": ("gives two extra tips|adds several concrete steps", "adds only one extra tip|gives just one more step",
@@ -876,25 +876,22 @@ def _demo_item(rng, dataset, probs):
         "coqa": [f"{name} wanted to {goal} and asked a friend.\n\nHow can {name} {goal}?"],
         "cornell-movie": [f"{name}, I must {goal} tonight.", "Why tonight?", f"Just tell me how to {goal}."],
     }[dataset.replace("rejected", "chosen")]  # both HH-RLHF sets ask alike; they differ in quality
+    # Every cue but one shows in the text through a few set phrases; 'topic' (advice about another
+    # subject) must be judged against the conversation.
     src = TOPICS[topic if cues["topic"] else other]  # where the advice comes from
-    nouns = [x.split(":")[0] for x in src[0].split("|")]
-    asked = noun if cues["asked"] else rng.choice([n for n in nouns if n != noun])
     advice = rng.sample(src[1].split("|"), 3)
-    main = f"For your {asked}, {advice[0]}."
-    if not cues["fluent"]:
-        words = main.lower().rstrip(".").split()
-        while " ".join(words) == main.lower().rstrip("."):
-            rng.shuffle(words)
-        main = " ".join(words) + "."
+    wrong = rng.choice([x.split(":")[0] for x in src[0].split("|") if not x.startswith(noun + ":")])
+    grammar = "" if cues["fluent"] else _pick(rng, "you must to |it are good to |you is should ")
+    main = (f"For your {noun}, " if cues["asked"] else f"If you mean your {wrong}, ") + grammar + advice[0] + "."
     out = [_pick(rng, "Sure!|Good question.|Happy to help.|Oh, nice one." if cues["human"] else
-                 "QUERY RECEIVED.|Processing request. Output follows.|RESPONSE MODE ACTIVE."), main]
+                 "QUERY RECEIVED.|OUTPUT FOLLOWS.|PROCESSING REQUEST."), main]
     out += [f"{_pick(rng, 'Also,|Then|Next,')} {a}." for a in advice[1:1 + cues["detail1"] + cues["detail2"]]]
     if cues["reason"]:
         out.append(f"{_pick(rng, 'This works because|That helps since')} {_pick(rng, src[2])}.")
     if cues["example"]:
         out.append(f"{_pick(rng, 'For example,|For instance,')} {_pick(rng, src[3])}.")
     if not cues["no_repeat"]:
-        out.append(main)
+        out.append(f"{_pick(rng, 'Again,|As I said,|I repeat,')} {advice[0]}.")
     other_noun = _pick(rng, TOPICS[third][0]).split(":")[0]
     if not cues["focus"]:
         out.append(_pick(rng, [f"By the way, I love {other_noun}.", f"Unrelated, but {other_noun} is my favourite thing."]))
