@@ -1,4 +1,4 @@
-"""data.py: everything between rating data and the token ids a model trains on.
+r"""data.py: everything between rating data and the token ids a model trains on.
 
 In the order the data flows:
   Tokenizer             SentencePiece, as Llama and Mistral use it, plus their [INST] ... [/INST] format
@@ -12,11 +12,15 @@ In the order the data flows:
   split_of, batch_indices   hash splits, length-bucketed resumable batches
   write_demo, train_tokenizer   a synthetic corpus so the whole project runs with no outside data
 
-Prompt and target (Mistral v1 pieces shown for the target; every variant shares the prompt):
-  ...conversation...\nResponse: Fine, thanks.\n\nRating:         <- prompt, ends where the target begins
+Prompt and target. The prompt (base template; the inst template wraps the same text in
+<s>[INST] ... [/INST] and puts the cue after it) is the same for every variant:
+  <s>Rate the response's naturalness (fluent, idiomatic and human-sounding) from 1 to 5.\n\n
+  User: Hi there!\nAssistant: Hello, how are you?\nResponse: Fine, thanks.\n\nRating:
+Targets follow the cue (pieces for Mistral v1; the decision position is the '▁' before the digit):
   label          " 4</s>"                                        = ['▁', '4', '</s>']
-  rating_first   " 4\nExplanation: Fluent and idiomatic.</s>"    (default; the rating is read in one pass)
-  explain_first  prompt ends "Explanation:", target " Fluent and idiomatic.\nRating: 4</s>"
+  rating_first   " 4\nExplanation: Fluent and idiomatic.</s>"    (default: the rating is scored in one pass)
+  explain_first  the cue is "Explanation:", the target " Fluent and idiomatic.\nRating: 4</s>"
+('label' has no explanation, so it always uses the rating-first prompt.)
 The pseudo-explanation variants replace the explanation's tokens with the same number of tokens
 (within 2): its own words shuffled, words drawn from all explanations' unigram distribution, uniformly
 random vocabulary pieces, or one filler piece repeated.
