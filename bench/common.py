@@ -100,6 +100,12 @@ def median(xs):
     return statistics.median(xs)
 
 
+def paired_ratio(a, b):
+    """Median over repetitions of a[i] / b[i], where a[i] and b[i] ran back to back. On a shared
+    machine whose load comes and goes, this is steadier than the ratio of the two medians."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def synchronize(device):
     import torch
     if str(device).startswith("cuda"):

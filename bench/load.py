@@ -71,8 +71,11 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="a tiny checkpoint, a few seconds")
     p.add_argument("--reps", type=int, default=3, help="loads per side, alternating, each in a fresh process")
     p.add_argument("--json", default=None, help="where to write the results (default bench/results/load.json)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--worker", nargs=2, metavar=("SIDE", "PATH"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         return worker(*args.worker)
 
@@ -99,7 +102,8 @@ def main(argv=None):
         runs = {s: [] for s in sides}
         for rep in range(args.reps):
             for s in (sides if rep % 2 == 0 else sides[::-1]):
-                runs[s].append(common.run_worker([os.path.abspath(__file__), "--worker", s, path]))
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                runs[s].append(common.run_worker([os.path.abspath(__file__), "--worker", s, path, *threads]))
 
     res = {}
     for s in sides:

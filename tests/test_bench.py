@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_bench(script, tmp_path, *args):
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), "--smoke",
+    # one thread: on a busy machine, waiting for a second OpenMP thread costs more than tiny ops do
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), "--smoke", "--threads", "1",
                            "--json", str(out), *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
