@@ -306,7 +306,7 @@ def run(cfg, loss_hook=None):
         f"{'NF4 base, ' if cfg.quantize else ''}{dtype} on {device}{f' x {world} processes' if world > 1 else ''}")
     log(f"trainable  {n_trainable:,} ({'all weights' if cfg.full else f'LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}'})")
     log(f"data       {len(train_ex)} train / {len(val_ex)} val examples, {tokens_epoch:,} tokens "
-        f"({targets_epoch:,} target) per epoch, variant {cfg.variant}, {cfg.order}")
+        f"({targets_epoch:,} target) per epoch, " + ("plain text" if cfg.full else f"variant {cfg.variant}, {cfg.order}"))
     log(f"schedule   {total} steps of {cfg.batch_size} examples ({cfg.micro_batch} per micro-batch), "
         f"~{tokens_epoch / max(1, len(train_ex)) * cfg.batch_size:,.0f} tokens/step, lr {cfg.lr:g}, "
         f"checkpointing {'on' if cfg.checkpointing else 'off'}, fused AdamW {'on' if fused else 'off'}")
@@ -446,8 +446,12 @@ def grid(cfg, variants, seeds):
             run(replace(cfg, variant=variant, seed=seed, out=out, resume=newest_checkpoint(out) is not None))
 
 
-DEMO_BASE = Config(name="demo-tiny", arch="mistral", hidden_size=128, intermediate_size=320, n_layers=4,
+DEMO_BASE = Config(name="demo-tiny", arch="mistral", hidden_size=96, intermediate_size=256, n_layers=3,
                    n_heads=4, n_kv_heads=2, max_position_embeddings=1024, torch_dtype="float32")
+DEMO_PRETRAIN = dict(full=True, lr=3e-3, warmup=0.05, weight_decay=0.01, batch_size=16, micro_batch=16,
+                     steps=120, max_len=256, checkpointing=False, val_every=120, save_every=120, log_every=40)
+DEMO_LORA = dict(rank=16, alpha=32, lora_dropout=0.0, lr=3e-3, steps=400, batch_size=16, micro_batch=16,
+                 max_len=256, checkpointing=False, val_every=200, save_every=200, log_every=100)
 
 
 def demo(out="runs/demo", seed=0):
@@ -467,18 +471,14 @@ def demo(out="runs/demo", seed=0):
         save_model(model, init)
         shutil.copy(tok_path, os.path.join(init, "tokenizer.model"))
         print(f"== pretraining a {model.n_params() / 1e6:.1f}M-parameter base model on the demo conversations")
-        run(TrainConfig(model=init, data=paths["corpus"], out=base, full=True, lr=3e-3, warmup=0.05,
-                        weight_decay=0.01, batch_size=16, micro_batch=16, steps=300, max_len=256,
-                        checkpointing=False, val_every=100, save_every=100, log_every=50, overwrite=True))
+        run(TrainConfig(model=init, data=paths["corpus"], out=base, overwrite=True, **DEMO_PRETRAIN))
     results = {}
     for variant in ("label", "explanation"):
         run_dir = os.path.join(out, variant)
         if not os.path.exists(os.path.join(run_dir, "done.json")):
             print(f"== LoRA training, variant {variant}")
             run(TrainConfig(model=os.path.join(base, "last"), data=paths["train"], out=run_dir, variant=variant,
-                            rank=16, alpha=32, lr=3e-3, epochs=3, batch_size=16, micro_batch=16, max_len=256,
-                            checkpointing=False, val_every=50, save_every=50, log_every=25, seed=seed,
-                            overwrite=True))
+                            seed=seed, overwrite=True, **DEMO_LORA))
         results[variant] = evaluate.score_run(run_dir, split="test")
     print(f"\nDemo results on the test split ({time.time() - t0:.0f} s in all):")
     print(f"{'variant':<13} {'accuracy':>8} {'macro-F1':>8} {'MAE':>6} {'NLL':>6}")
