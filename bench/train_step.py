@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from model import DTYPES, PRESETS, Config, load_model
+from model import DTYPES, PRESETS, Config, Transformer, load_model
 
 IGNORE_INDEX = -100  # the label value transformers and data.py both skip
 SIDE_NAMES = {"ours": "this project", "hf": "transformers+peft",
@@ -152,7 +152,7 @@ def build_hf(profile, device, ckpt, quantize, checkpointing, seed):
 
 
 def build_side(side, profile, device, ckpt, checkpointing, seed=0):
-    """(model, step function) for one side; step() runs forward, backward and AdamW, returns the loss."""
+    """(model, step, trainable count) for one side; step() runs forward, backward and AdamW, returns the loss."""
     build = build_ours if side.startswith("ours") else build_hf
     model, loss = build(profile, device, ckpt, side.endswith("nf4"), checkpointing, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,8 +168,13 @@ def build_side(side, profile, device, ckpt, checkpointing, seed=0):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return value.detach()
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    return model, step, n_params, sum(p.numel() for p in params)
+    return model, step, sum(p.numel() for p in params)
+
+
+def n_base_params(config):
+    """Parameters of the unquantised base (a 4-bit layer's packed codes would undercount them)."""
+    with torch.device("meta"):
+        return Transformer(config).n_params()
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -190,7 +195,7 @@ def memory_worker(spec):
     base = common.rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, step, _, _ = build_side(spec["side"], profile, device, spec["ckpt"], spec["checkpointing"])
+    model, step, _ = build_side(spec["side"], profile, device, spec["ckpt"], spec["checkpointing"])
     loaded = common.rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     common.reset_peak_rss()
     for _ in range(profile.mem_steps):
@@ -225,8 +230,8 @@ def measure(profile, sides, device, ckpt, checkpointing, args):
             if rep >= profile.warmup:
                 times[s].append(seconds)
     traces = {s: trace(built[s][1], device) for s in sides} if args.trace else {}
-    n_params = {s: built[s][2] for s in sides}
-    n_trainable = {s: built[s][3] for s in sides}
+    n_params = n_base_params(profile.config)
+    n_trainable = {s: built[s][2] for s in sides}
     del built
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -243,11 +248,11 @@ def measure(profile, sides, device, ckpt, checkpointing, args):
         t = common.median(times[s])
         results[s] = {"step_s": t, "step_s_min": min(times[s]), "step_s_all": times[s], "tokens_per_s": tokens / t,
                       "first_loss": first_loss[s],
-                      "params": n_params[s], "trainable": n_trainable[s], "peak_bytes": mem["peak_bytes"],
+                      "params": n_params, "trainable": n_trainable[s], "peak_bytes": mem["peak_bytes"],
                       "peak_live_bytes": live["peak_bytes"], "loaded_bytes": mem["loaded_bytes"]}
         if device.type == "cuda" and (peak := gpu_peak_flops(device)):
             # frozen-base LoRA: forward 2N + backward to activations 2N FLOPs per token; recompute not counted
-            results[s]["mfu"] = 4 * n_params[s] * tokens / t / peak
+            results[s]["mfu"] = 4 * n_params * tokens / t / peak
     return results, traces
 
 
