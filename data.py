@@ -49,7 +49,6 @@ import random
 import re
 import statistics
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
