@@ -1,7 +1,7 @@
 r"""data.py: everything between rating data and the token ids a model trains on.
 
 In the order the data flows:
-  Tokenizer             SentencePiece, as Llama and Mistral use it, plus their [INST] ... [/INST] format
+  (Tokenizer            in tokenizer.py: SentencePiece and byte-level BPE, from files or GGUF, chat formats)
   import_conversations  the paper's six datasets, from their public files -> conversations (rate.py's input)
   aggregate             the paper's ensemble step: 12 ratings per item and axis -> one label and explanation
   load_records          training records (JSONL or CSV), validated; bad input is one line naming
@@ -12,11 +12,14 @@ In the order the data flows:
   split_of, batch_indices   hash splits, length-bucketed resumable batches
   write_demo, train_tokenizer   a synthetic corpus so the whole project runs with no outside data
 
-Prompt and target. The prompt (base template; the inst template wraps the same text in
-<s>[INST] ... [/INST] and puts the cue after it) is the same for every variant:
+Prompt and target. The prompt is the same for every variant. The base template:
   <s>Rate the response's naturalness (fluent, idiomatic and human-sounding) from 1 to 5.\n\n
   User: Hi there!\nAssistant: Hello, how are you?\nResponse: Fine, thanks.\n\nRating:
-Targets follow the cue (pieces for Mistral v1; the decision position is the '▁' before the digit):
+The inst template wraps the same text in <s>[INST] ... [/INST] and puts the cue after it; chatml
+(SmolLM2, Qwen) in <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n; auto, the default,
+takes the one the checkpoint's tokenizer declares, else base.
+Targets follow the cue (pieces for Mistral v1; the decision position is the '▁' before the digit;
+SmolLM2's byte-level BPE splits digits alone too, so there it is the 'Ġ' before the digit):
   label          " 4</s>"                                        = ['▁', '4', '</s>']
   rating_first   " 4\nExplanation: Fluent and idiomatic.</s>"    (default: the rating is scored in one pass)
   explain_first  the cue is "Explanation:", the target " Fluent and idiomatic.\nRating: 4</s>"
@@ -63,7 +66,7 @@ AXES = {  # built-in axes and the description each prompt states; users add othe
 }
 VARIANTS = ("label", "explanation", "shuffled", "bow", "random", "filler")
 ORDERS = ("rating_first", "explain_first")
-TEMPLATES = ("base", "inst")
+TEMPLATES = ("auto", "base", "inst", "chatml")  # auto: the checkpoint's own chat format, else base
 METHODS = ("mean", "median", "majority")
 FILLER = "."  # the filler variant repeats the last piece of encode(FILLER) ('▁.' for Mistral)
 
@@ -113,6 +116,14 @@ class Tokenizer:
             return [self.bos_id, b] + self.encode(text) + [e]
         return self.encode(f"[INST] {text} [/INST]", bos=True)
 
+    template = None  # interim, until tokenizer.py replaces this class
+
+    def spaced(self, text):
+        return self.encode(text)
+
+    def chat(self, text, system=None, template=None):
+        return self.instruct(text)
+
     def ordinary_ids(self):
         """Ids of ordinary pieces: not control, unknown, byte or unused."""
         sp = self.sp
@@ -129,7 +140,7 @@ class Tokenizer:
 def _rating_split(tok):
     """(p, ids): the five ratings encode as a shared prefix of p tokens and then one distinguishing
     token each (Mistral: '4' -> ['▁', '4'], so p = 1 and ids are the five digit pieces)."""
-    enc = [tok.encode(str(r)) for r in range(1, 6)]
+    enc = [tok.spaced(str(r)) for r in range(1, 6)]
     p = 0
     while all(len(e) > p for e in enc) and len({e[p] for e in enc}) == 1:
         p += 1
@@ -572,7 +583,41 @@ def _cornell_entries(paths):
                 yield where, {"movie": fields[2], "ids": ids, "turns": [lines[i] for i in ids]}
 
 
-IMPORTERS = {"chatbot-arena": _arena, "hh-rlhf": _hh, "amazonqa": _amazonqa, "coqa": _coqa, "cornell-movie": _cornell}
+def _chitchat(x, seed):  # built by _chitchat_entries: {"id", "messages": [[{"text", "sender"}, ...], ...]}
+    turns = [" ".join(u["text"].strip() for u in turn if u["text"].strip()) for turn in x["messages"]]
+    turns = [t for t in turns if t]
+    if len(turns) < 2:
+        raise ValueError(f"{len(turns)} non-empty turn(s); a conversation needs a context and a response")
+    k = 1 + _h(seed, x["id"]) % (len(turns) - 1)  # the response: a hashed turn after the first
+    return [{"id": f"chitchat-{x['id']}-{k}", "dataset": "chitchat", "context": turns[:k], "response": turns[k]}]
+
+
+def chitchat_path():
+    """dataset.json of the installed chitchat-dataset package (7,168 human conversations, MIT),
+    found without importing it; None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    return os.path.join(spec.submodule_search_locations[0], "dataset.json") if spec else None
+
+
+def _chitchat_entries(paths):
+    """The Chit Chat Challenge's dataset.json ({conversation id: {"messages": [...]}}) -> entries.
+    A conversation of one person alone (a single turn) cannot be cut, and is reported as such."""
+    for path in paths:
+        try:
+            with _open(path) as f:
+                conversations = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(conversations, dict):
+            raise DataError(f"{path}: expected an object of conversations by id (chitchat-dataset's dataset.json)")
+        for cid, conv in conversations.items():
+            yield f"{path}: conversation {cid}", dict(conv, id=cid) if isinstance(conv, dict) else ValueError("not an object")
+
+
+IMPORTERS = {"chatbot-arena": _arena, "hh-rlhf": _hh, "amazonqa": _amazonqa, "coqa": _coqa, "cornell-movie": _cornell,
+             "chitchat": _chitchat}
 
 
 def import_conversations(fmt, paths, *, n=None, seed=0):
@@ -583,8 +628,13 @@ def import_conversations(fmt, paths, *, n=None, seed=0):
     depend on file order. Ids are stable: the release's own, or a hash of the text."""
     if fmt not in IMPORTERS:
         raise DataError(f"unknown format '{fmt}' (choose from {', '.join(IMPORTERS)})")
-    entries = (_cornell_entries(paths) if fmt == "cornell-movie" else
-               (e for p in paths for e in _items(p, key="data" if fmt == "coqa" else None)))
+    if not paths and fmt == "chitchat" and chitchat_path():
+        paths = [chitchat_path()]
+    if not paths:
+        raise DataError(f"import {fmt}: name the dataset's file(s)"
+                        + (" (or pip install chitchat-dataset)" if fmt == "chitchat" else ""))
+    entries = (_cornell_entries(paths) if fmt == "cornell-movie" else _chitchat_entries(paths) if fmt == "chitchat"
+               else (e for p in paths for e in _items(p, key="data" if fmt == "coqa" else None)))
     records, problems, seen = [], [], set()
     for where, x in entries:
         try:
@@ -632,14 +682,28 @@ def _prompt_body(record, axes, keep_turns=None):
             + "".join(t + "\n" for t in turns) + f"Response: {record['response']}")
 
 
+def resolve_template(template, tok):
+    """'auto' -> the chat format the tokenizer's checkpoint declares ('chatml' for SmolLM2, 'inst'
+    for Mistral-Instruct), or 'base' when it declares none; any other name is kept."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
+    return (tok.template or "base") if template == "auto" else template
+
+
 def _prompt_text(record, axes, keep_turns, template, cue):
     body = _prompt_body(record, axes, keep_turns)
-    return f"[INST] {body} [/INST] {cue}" if template == "inst" else f"{body}\n\n{cue}"
+    if template == "inst":
+        return f"[INST] {body} [/INST] {cue}"
+    if template == "chatml":
+        return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n{cue}"
+    return f"{body}\n\n{cue}"
 
 
 def _prompt_ids(tok, record, axes, keep_turns, template, cue):
-    if template == "inst":
-        return tok.instruct(_prompt_body(record, axes, keep_turns)) + tok.encode(cue)
+    if template == "inst":  # '[/INST] Rating:'
+        return tok.chat(_prompt_body(record, axes, keep_turns), template="inst") + tok.spaced(cue)
+    if template == "chatml":  # 'assistant\nRating:'
+        return tok.chat(_prompt_body(record, axes, keep_turns), template="chatml") + tok.continuation(cue)
     return tok.encode(_prompt_text(record, axes, keep_turns, template, cue), bos=True)
 
 
@@ -653,19 +717,19 @@ class _Pseudo:
             counts = Counter(w for r in pool if r.get("explanation") for w in r["explanation"].split())
             self.words = sorted(counts)
             self.cum = list(itertools.accumulate(counts[w] for w in self.words))
-            self.cost = {w: len(tok.encode(w)) for w in self.words}
+            self.cost = {w: len(tok.spaced(w)) for w in self.words}
         if variant == "random":
             self.ordinary = tok.ordinary_ids()
-        self.filler = tok.encode(FILLER)[-1]
+        self.filler = tok.spaced(FILLER)[-1]
 
     def __call__(self, rec, real_ids):
         v, rng, n = self.variant, random.Random(_h(self.seed, rec["id"], rec["axis"])), len(real_ids)
         words = rec["explanation"].split()
         if v == "explanation":
             return real_ids
-        if v == "shuffled":  # same words in a new order; SentencePiece encodes each word alone,
-            rng.shuffle(words)  # so the token count is unchanged
-            return self.tok.encode(" ".join(words))
+        if v == "shuffled":  # same words in a new order; both tokenizer kinds encode each
+            rng.shuffle(words)  # space-separated word alone, so the token count is unchanged
+            return self.tok.spaced(" ".join(words))
         if v == "bow":  # draw words until the token count reaches n, never passing n + 2
             out, total = [], 0
             for _ in range(100 * n):
@@ -675,7 +739,7 @@ class _Pseudo:
                 if total + self.cost[w] <= n + 2:
                     out.append(w)
                     total += self.cost[w]
-            return self.tok.encode(" ".join(out))
+            return self.tok.spaced(" ".join(out))
         if v == "random":
             return [rng.choice(self.ordinary) for _ in range(n)]
         return [self.filler] * n  # filler
@@ -687,26 +751,32 @@ class Example:
     dataset: str
     axis: str
     label: int
-    input_ids: list  # prompt + target token ids, starting with BOS
+    input_ids: list  # prompt + target token ids (starting with BOS where the tokenizer uses one)
     labels: list  # unshifted: labels[i] == input_ids[i] on target tokens, IGNORE_INDEX on the prompt
     decision_pos: int  # the logits at this position predict the token that tells the ratings apart
     n_prompt: int  # number of prompt tokens (BOS included)
+    rating_weight: float = 1.0  # loss weight of the rating token (build_examples(rating_weight=True))
 
 
-def build_examples(records, tok, variant="label", *, order="rating_first", template="base",
-                   max_len=512, seed=0, axes=None, pool=None):
+def build_examples(records, tok, variant="label", *, order="rating_first", template="auto",
+                   max_len=512, seed=0, axes=None, pool=None, rating_weight=False):
     """Tokenised examples of one variant. Target = rating and (except for 'label') the explanation
     tokens of the variant, then EOS; loss is on the target only. The prompt is identical in every
     variant: when an example would exceed max_len, the oldest turns are dropped as if the target
     were the real explanation plus 2 tokens, so no variant's prompt differs. A record whose prompt is
     too long even without context is dropped (reported on stderr). `pool` = the records whose
     explanations give the bow word distribution (default: `records`; pass the training records when
-    building validation examples)."""
+    building validation examples).
+
+    rating_weight=True controls for label dilution: with the loss a mean over target tokens, the
+    rating token of a 30-token explanation target gets a tenth of the share it has in 'label' (whose
+    target is the rating's tokens and EOS). Its weight w is set so that w / (n_target - 1 + w) equals
+    the label variant's 1 / n_label: w = (n_target - 1) / (n_label - 1); 1 for 'label' itself."""
     for name, value, allowed in (("variant", variant, VARIANTS), ("order", order, ORDERS),
                                  ("template", template, TEMPLATES)):
         if value not in allowed:
             raise DataError(f"unknown {name} '{value}' (choose from {', '.join(allowed)})")
-    axes = load_axes(axes)
+    axes, template = load_axes(axes), resolve_template(template, tok)
     if variant != "label":
         missing = [r["id"] for r in records if not r.get("explanation")]
         if missing:
@@ -718,8 +788,8 @@ def build_examples(records, tok, variant="label", *, order="rating_first", templ
     pseudo = _Pseudo(tok, variant, seed, records if pool is None else pool)
     out, too_long = [], []
     for rec in records:
-        rating = tok.encode(str(rec["label"]))
-        real = tok.encode(" ".join(rec["explanation"].split())) if rec.get("explanation") else None
+        rating = tok.spaced(str(rec["label"]))  # ' 4' after the cue
+        real = tok.spaced(" ".join(rec["explanation"].split())) if rec.get("explanation") else None
         # the longest target any variant can have for this record fixes the prompt's budget
         budget = len(rating) + 1 + (0 if real is None else max(map(len, seps.values())) + len(real) + 2)
         n_turns = len(rec["context"])
@@ -738,8 +808,10 @@ def build_examples(records, tok, variant="label", *, order="rating_first", templ
         else:
             head = pseudo(rec, real) + seps[order]
             target, pos = head + rating + [tok.eos_id], len(prompt) + len(head) + p - 1
+        n_label = len(rating) + 1  # the label variant's target: the rating's tokens and EOS
+        weight = (len(target) - 1) / (n_label - 1) if rating_weight else 1.0
         out.append(Example(rec["id"], rec["dataset"], rec["axis"], rec["label"], prompt + target,
-                           [IGNORE_INDEX] * len(prompt) + target, pos, len(prompt)))
+                           [IGNORE_INDEX] * len(prompt) + target, pos, len(prompt), weight))
     if too_long:
         print(f"data.py: dropped {len(too_long)} records longer than max_len={max_len} even without "
               f"context (first: '{too_long[0]}')", file=sys.stderr)
@@ -761,19 +833,23 @@ def text_examples(path, tok, max_len=256):
 
 def collate(examples, pad_id):
     """Right-padded batch tensors. targets[:, t] is the token the logits at t must predict (labels
-    shifted left by one) or IGNORE_INDEX: the one place in the project where the shift happens."""
+    shifted left by one) or IGNORE_INDEX: the one place in the project where the shift happens.
+    weights[:, t] is the loss weight of that target: 1, or the example's rating_weight at the
+    decision position (whose target is the rating token)."""
     import torch  # only here: the command line starts much faster without it
 
     B, T = len(examples), max(len(e.input_ids) for e in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
+    weights = torch.ones((B, T))
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids)
         targets[i, :n - 1] = torch.tensor(e.labels[1:])
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask,
+        weights[i, e.decision_pos] = e.rating_weight
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask, "weights": weights,
             "decision_pos": torch.tensor([e.decision_pos for e in examples]),
             "label": torch.tensor([e.label for e in examples])}
 
@@ -1034,7 +1110,7 @@ def main(argv=None):
     p.add_argument("--max-spread", type=float, help="drop items whose rescaled scores' std dev exceeds this")
     p = sub.add_parser("import", help="a public dataset's own files -> conversations.jsonl (input of rate.py)")
     p.add_argument("format", choices=sorted(IMPORTERS))
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*", help="the release's files (chitchat: default, the installed package's)")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--n", type=int, help="keep a seeded sample of N conversations per dataset")
     p.add_argument("--seed", type=int, default=0)

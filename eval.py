@@ -151,8 +151,8 @@ def _rating_probs(model, seqs, rating_ids, device):
 def find_rating(new_tokens, tok):
     """Index of the rating token in a generated explanation-first answer ('... explanation.\nRating:
     4</s>', as data.build_examples writes it): the token after the last '\nRating:' and the pieces
-    every rating starts with ('▁' for Mistral). None when that token is not one of the five."""
-    cue = tok.continuation("\nRating:") + tok.encode("1")[:-1]
+    every rating starts with ('▁' for Mistral, 'Ġ' for SmolLM2). None when that token is not one of the five."""
+    cue = tok.continuation("\nRating:") + tok.spaced("1")[:-1]
     for j in range(len(new_tokens) - len(cue) - 1, -1, -1):
         if new_tokens[j:j + len(cue)] == cue:
             k = j + len(cue)

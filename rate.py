@@ -10,15 +10,16 @@ both model-driven steps with checkpoints on disk:
     python rate.py summarize --model MODEL_DIR --input raw.jsonl --out raw.jsonl
     python data.py aggregate raw.jsonl -o train.jsonl
 
-Each rater (a Llama/Mistral instruction checkpoint plus its `tokenizer.model`, loaded one at a time
-with `model.load_model`) sees the axis rubric in the `[INST] ... [/INST]` chat format and must
-answer "Score: N" and "Explanation: ...". Answers are parsed strictly: a score off the strategy's
+Each rater (a Llama/Mistral instruction checkpoint folder with its tokenizer, or a GGUF file such as
+SmolLM2-135M-Instruct's, loaded one at a time with `model.load_model`) sees the axis rubric in its own
+chat format (ChatML for SmolLM2, `[INST] ... [/INST]` for Mistral/Llama-2 and for checkpoints that
+declare none) and must answer "Score: N" and "Explanation: ...". Answers are parsed strictly: a score off the strategy's
 scale, a missing explanation or a broken format is retried (sampling, seeded) a few times and then
 recorded as a failed rating (`"score": null, "error": ...`), never guessed. Results are appended
 to the raw file batch by batch, so rerunning the same command resumes where a crash left off.
 
 Left out: aggregation (`data.py aggregate` averages the scores), any API or remote model, chat
-formats other than `[INST]`, and a retry of ratings already recorded as failed (delete their lines
+formats other than ChatML and `[INST]`, and a retry of ratings already recorded as failed (delete their lines
 to redo them). Strategies beyond the four built in come from `--prompts-file`, a JSON object:
     {"strict5": {"scale": 5, "instructions": "Be strict.",
                  "examples": [{"axis": "naturalness", "context": ["Hi"], "response": "Hello!",
@@ -158,10 +159,10 @@ def summary_prompt(record, axis, description, label, ratings, drop_turns=0):
 
 
 def fit(tok, make_text, n_turns, max_tokens):
-    """Token ids of make_text(drop) in the chat format, dropping the oldest context turns until it
-    fits in max_tokens; None if even no context is too long."""
+    """Token ids of make_text(drop) in the rater's chat format, dropping the oldest context turns
+    until it fits in max_tokens; None if even no context is too long."""
     for drop in range(n_turns + 1):
-        ids = tok.instruct(make_text(drop))
+        ids = tok.chat(make_text(drop), template=tok.template or "inst")
         if len(ids) <= max_tokens:
             return ids
     return None
@@ -328,9 +329,8 @@ def rate(args):
             if s.get("examples") and not strategy_examples(s, axis):
                 raise RateError(f"strategy {name!r} has no rated examples for axis {axis!r}; add some in --prompts-file")
     for path in args.raters:
-        if not all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "tokenizer.model")):
-            raise RateError(f"{path}: not a rater folder (needs config.json, *.safetensors and tokenizer.model)")
-    names = [os.path.basename(os.path.normpath(p)) for p in args.raters]  # the rater's name in the output
+        check_rater(path)
+    names = [rater_name(p) for p in args.raters]  # the rater's name in the output
     if len(set(names)) < len(names):
         raise RateError(f"two raters share the folder name {max(names, key=names.count)!r}; rename one")
     if args.samples > 1 and args.temperature == 0:
@@ -355,6 +355,22 @@ def rate(args):
     n_failed = sum(n for (_, _, status), n in counts.items() if status == "failed")
     print(f"wrote {sum(counts.values())} ratings ({n_failed} failed) to {args.out}", file=sys.stderr)
     return counts
+
+
+def check_rater(path):
+    """A rater is a .gguf file, or a folder with config.json and a tokenizer (tokenizer.model or .json)."""
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return
+    if not (os.path.isfile(os.path.join(path, "config.json")) and
+            any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "tokenizer.json"))):
+        raise RateError(f"{path}: not a rater (a .gguf file, or a folder with config.json, *.safetensors "
+                        "and tokenizer.model or tokenizer.json)")
+
+
+def rater_name(path):
+    """'SmolLM2-135M-Instruct.Q4_1' for a GGUF file, the folder's name for a checkpoint folder."""
+    base = os.path.basename(os.path.normpath(path))
+    return base[:-len(".gguf")] if base.endswith(".gguf") else base
 
 
 def rate_with(path, name, jobs, axes, strategies, args, counts):
@@ -414,6 +430,7 @@ def summarize(args):
     out = args.out or args.input
     if not os.path.isfile(args.input):
         raise RateError(f"{args.input}: no such file")
+    check_rater(args.model)
     if os.path.abspath(out) != os.path.abspath(args.input) and not os.path.exists(out):
         shutil.copyfile(args.input, out)  # a different --out starts as a copy, then gains summaries
     read_jsonl(out, repair=True)  # drop a line cut off by a crash, then read it as data.py does
@@ -464,11 +481,11 @@ def main(argv=None):
                                 description=__doc__.split("\n\n")[0])
     if summarizing:
         argv = argv[1:]
-        p.add_argument("--model", required=True, help="instruction checkpoint folder with tokenizer.model")
+        p.add_argument("--model", required=True, help="instruction checkpoint: a folder with its tokenizer, or a .gguf file")
         p.add_argument("--input", required=True, help="raw ratings file (JSONL)")
         p.add_argument("--out", help="where summaries are appended (default: --input)")
     else:
-        p.add_argument("--raters", nargs="+", required=True, help="rater checkpoint folders, each with tokenizer.model")
+        p.add_argument("--raters", nargs="+", required=True, help="rater checkpoints: folders with their tokenizer, or .gguf files")
         p.add_argument("--input", required=True, help="conversations (JSONL: id, dataset, context, response)")
         p.add_argument("--out", required=True, help="raw ratings file (JSONL), appended to and resumed")
         p.add_argument("--axes", default=",".join(data.AXES), help="comma-separated axes to rate")

@@ -40,12 +40,13 @@ from model import DTYPES, Config, ModelError, Transformer, load_config, load_mod
 
 @dataclass
 class TrainConfig:
-    model: str = ""                   # base checkpoint folder (HF format, with tokenizer.model)
+    model: str = ""                   # base checkpoint: an HF folder with its tokenizer, or a .gguf file
     data: str = ""                    # training records (.jsonl or .csv); with --full, a plain-text corpus
     out: str = "runs/run"             # run folder
     variant: str = "explanation"      # label | explanation | shuffled | bow | random | filler
+    rating_weight: bool = False       # weight the rating token's loss to its share in 'label' (dilution control)
     order: str = "rating_first"       # rating_first | explain_first
-    template: str = "base"            # base | inst (the [INST] ... [/INST] instruction format)
+    template: str = "auto"            # auto (the checkpoint's chat format, else base) | base | inst | chatml
     axes: str = ""                    # comma-separated axes to train on; empty: all in the data
     datasets: str = ""                # comma-separated datasets to train on; empty: all in the data
     full: bool = False                # train every weight, loss on every token (pretraining), no LoRA
@@ -130,15 +131,19 @@ def lr_at(step, total, cfg):
 
 
 def n_targets(example):
-    """Target tokens of one example: the positions whose next token carries loss."""
-    return sum(1 for t in example.labels[1:] if t != data.IGNORE_INDEX)
+    """Loss weight of one example: its target tokens (the positions whose next token carries loss),
+    the rating token counted with its weight (1 unless --rating-weight)."""
+    return sum(1 for t in example.labels[1:] if t != data.IGNORE_INDEX) - 1 + example.rating_weight
 
 
-def loss_sum(model, batch):
-    """Summed cross-entropy over the target tokens of a collated batch; the LM head runs only there."""
+def loss_sum(model, batch, weighted=True):
+    """Cross-entropy summed over the target tokens of a collated batch, each with its weight from
+    batch["weights"] when there is one (the rating token's differs with --rating-weight); the LM head
+    runs only on those positions."""
     mask = batch["targets"] != data.IGNORE_INDEX                                   # (B, T)
     logits = model(batch["input_ids"], logits_at=mask)                              # (N, V)
-    return F.cross_entropy(logits.float(), batch["targets"][mask], reduction="sum")
+    loss = F.cross_entropy(logits.float(), batch["targets"][mask], reduction="none")  # (N,)
+    return (loss * batch["weights"][mask]).sum() if weighted and "weights" in batch else loss.sum()
 
 
 def to_device(batch, device):
@@ -156,7 +161,7 @@ def validate(model, examples, tok, cfg, device, autocast):
     for idx in data.batch_indices(examples, cfg.micro_batch, seed=0, epoch=0):
         batch = to_device(data.collate([examples[i] for i in idx], tok.pad_id), device)
         with autocast:
-            total += loss_sum(model, batch).item()
+            total += loss_sum(model, batch, weighted=False).item()  # per token, comparable across runs
             if not cfg.full:
                 pred = rating_logits(model, batch, rating_ids).argmax(-1) + 1
                 correct += (pred == batch["label"]).sum().item()
@@ -231,7 +236,8 @@ def load_data(cfg, tok):
         split.get(data.split_of(r["id"]), []).append(r)
     if not split["train"]:
         raise TrainError(f"{cfg.data}: no training records left after the split and the axis/dataset filters")
-    build = dict(variant=cfg.variant, order=cfg.order, template=cfg.template, max_len=cfg.max_len, seed=cfg.seed)
+    build = dict(variant=cfg.variant, order=cfg.order, template=cfg.template, max_len=cfg.max_len, seed=cfg.seed,
+                 rating_weight=cfg.rating_weight)
     # pseudo-explanations draw on the training explanations only, so val examples use the same pool
     return (data.build_examples(split["train"], tok, **build),
             data.build_examples(split["val"], tok, pool=split["train"], **build) if split["val"] else [])

@@ -466,6 +466,32 @@ def test_import_cornell_movie(tmp_path):
     assert problems == [f"{paths[0]}:3: expected 5 fields, got 2", f"{paths[1]}:2: unknown or empty line id L9"]
 
 
+def test_import_chitchat(tmp_path):
+    said = lambda who, *texts: [{"text": t, "timestamp": "2018-05-02T19:38:15Z", "sender": who} for t in texts]
+    convs = {"c1": {"messages": [said("a", "Hello", "How are you?"), said("b", "Fine!"), said("a", "Good to hear"),
+                                 said("b", "  ", "And you?")]},
+             "c2": {"messages": [said("a", "Anyone there?")]}}
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(convs), encoding="utf-8")
+    records, problems = data.import_conversations("chitchat", [str(path)], seed=0)
+    (r,) = records
+    k = int(r["id"].rsplit("-", 1)[1])  # the response turn, chosen by hash(seed, conversation id)
+    turns = ["Hello How are you?", "Fine!", "Good to hear", "And you?"]  # a turn's messages joined, blanks dropped
+    assert 1 <= k <= 3 and r["context"] == turns[:k] and r["response"] == turns[k] and r["dataset"] == "chitchat"
+    assert problems == [f"{path}: conversation c2: 1 non-empty turn(s); a conversation needs a context and a response"]
+    ks = {int(data.import_conversations("chitchat", [str(path)], seed=s)[0][0]["id"].rsplit("-", 1)[1]) for s in range(20)}
+    assert len(ks) > 1  # the cut moves with the seed
+
+
+def test_import_chitchat_from_the_installed_package():
+    """With no file named, the chitchat-dataset package's own dataset.json (7,168 conversations, of
+    which those of two or more turns can be cut)."""
+    records, problems = data.import_conversations("chitchat", [])
+    assert len(records) + len(problems) == 7168 and len(records) > 4000
+    assert all(r["context"] and r["response"] for r in records)
+    assert len({r["id"] for r in records}) == len(records)
+
+
 def test_import_sampling_is_seeded_and_order_free(tmp_path):
     lines = [{"qid": str(i), "questionText": f"q{i}?", "answers": [{"answerText": "a"}]} for i in range(50)]
     a = write(tmp_path / "a.jsonl", lines)

@@ -198,3 +198,51 @@ def test_help_documents_every_flag():
     assert r.returncode == 0
     for f in train.fields(train.TrainConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+def _rating_share(model, example):
+    """The rating token's share of the gradient that train.py's normalised loss sends to the logits:
+    |dL/dlogits| at the decision position over |softmax - onehot| there (the gradient of that
+    position's own cross-entropy), i.e. the weight that position gets in the loss."""
+    batch = data.collate([example], pad_id=0)
+    mask = batch["targets"] != data.IGNORE_INDEX
+    logits = model(batch["input_ids"], logits_at=mask).detach().requires_grad_(True)   # (N, V)
+    targets = batch["targets"][mask]
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    ((losses * batch["weights"][mask]).sum() / train.n_targets(example)).backward()   # train.py's scaling
+    row = int(mask[0, :example.decision_pos].sum())  # the decision position's row among the targets
+    own = torch.softmax(logits[row].detach(), -1) - torch.nn.functional.one_hot(targets[row], logits.shape[-1])
+    return (logits.grad[row].norm() / own.norm()).item(), targets[row].item()
+
+
+def test_rating_weight_gives_the_rating_token_the_label_variants_share(setup):
+    """With --rating-weight, the rating token of an explanation example gets the same share of the
+    gradient as in the label variant; without it, about 1/len(target) of it (label dilution)."""
+    tok, model = setup["tok"], train.load_model(setup["base"])
+    rec = data.check_record(keyword_records(1)[0])
+    (label,) = data.build_examples([rec], tok, "label")
+    (plain,) = data.build_examples([rec], tok, "explanation")
+    (weighted,) = data.build_examples([rec], tok, "explanation", rating_weight=True)
+    assert plain.input_ids == weighted.input_ids and plain.labels == weighted.labels
+    share_label, tgt = _rating_share(model, label)
+    share_plain, tgt_plain = _rating_share(model, plain)
+    share_weighted, tgt_weighted = _rating_share(model, weighted)
+    assert tgt == tgt_plain == tgt_weighted == data.rating_token_ids(tok)[rec["label"] - 1]
+    n_label = len(label.input_ids) - label.n_prompt
+    n_expl = len(plain.input_ids) - plain.n_prompt
+    assert n_expl > 3 * n_label  # the dilution is real in this example
+    assert share_label == pytest.approx(1 / n_label, rel=1e-5)
+    assert share_plain == pytest.approx(1 / n_expl, rel=1e-5)
+    assert share_weighted == pytest.approx(share_label, rel=1e-5)
+    assert label.rating_weight == 1.0 and weighted.rating_weight > 1.0
+
+
+def test_rating_weight_runs_and_is_saved(setup, tmp_path):
+    """A run with --rating-weight trains, records the option, and its loss differs from one without."""
+    losses = {}
+    for flag in (False, True):
+        out = tmp_path / f"rw-{flag}"
+        train.run(config(setup, out, variant="explanation", steps=2, rating_weight=flag))
+        assert json.load(open(out / "train_config.json"))["rating_weight"] is flag
+        losses[flag] = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl") if "loss" in json.loads(x)]
+    assert losses[True][0] != pytest.approx(losses[False][0], rel=1e-4)
