@@ -169,11 +169,7 @@ def load_run(run_dir, checkpoint="best", device="auto"):
     cfg = evaluate.read_run_config(run_dir)
     if cfg.get("full"):
         raise AnalysisError(f"{run_dir}: a full (pretraining) run has no rating to analyse")
-    ckpt = os.path.join(run_dir, checkpoint)
-    if checkpoint == "best" and not os.path.isdir(ckpt):
-        ckpt = os.path.join(run_dir, "last")
-    if not os.path.isdir(ckpt):
-        raise AnalysisError(f"{ckpt}: no such checkpoint (is the run finished?)")
+    ckpt = evaluate.run_checkpoint(run_dir, checkpoint)
     model, tok, device = evaluate.load_scorer(cfg["model"], ckpt, device, cfg.get("quantize"))
     return model, tok, device, cfg
 

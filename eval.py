@@ -79,11 +79,13 @@ def nll(probs, gold):
     return float(-np.mean(np.log(np.clip(p, 1e-12, None))))
 
 
-def reliability(probs, gold, n_bins=N_BINS):
+def reliability(probs, gold, pred=None, n_bins=N_BINS):
     """Per bin of the top rating's probability ([0, 0.1), ..., [0.9, 1]): (mean confidence,
-    accuracy, count); empty bins are (None, None, 0)."""
+    accuracy, count); empty bins are (None, None, 0). pred is the prediction that accuracy scores
+    (default: the top rating); passing it keeps an unparsed answer, whose probabilities are uniform
+    and whose prediction is counted wrong, wrong here too."""
     conf = probs.max(1)
-    correct = probs.argmax(1) + 1 == gold
+    correct = (probs.argmax(1) + 1 if pred is None else np.asarray(pred)) == gold
     bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
     rows = []
     for b in range(n_bins):
@@ -93,9 +95,9 @@ def reliability(probs, gold, n_bins=N_BINS):
     return rows
 
 
-def ece(probs, gold, n_bins=N_BINS):
+def ece(probs, gold, pred=None, n_bins=N_BINS):
     """Expected calibration error: sum over bins of |accuracy - confidence| weighted by the bin's share."""
-    return float(sum(n / len(gold) * abs(acc - conf) for conf, acc, n in reliability(probs, gold, n_bins) if n))
+    return float(sum(n / len(gold) * abs(acc - conf) for conf, acc, n in reliability(probs, gold, pred, n_bins) if n))
 
 
 def brier(probs, gold):
@@ -107,7 +109,7 @@ def brier(probs, gold):
 def all_metrics(gold, pred, probs):
     gold, pred, probs = np.asarray(gold), np.asarray(pred), np.asarray(probs, dtype=np.float64)
     return {"accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred), "qwk": qwk(gold, pred),
-            "mae": mae(gold, pred), "nll": nll(probs, gold), "ece": ece(probs, gold),
+            "mae": mae(gold, pred), "nll": nll(probs, gold), "ece": ece(probs, gold, pred),
             "brier": brier(probs, gold), "n": len(gold)}
 
 
@@ -118,10 +120,14 @@ def metrics_by_setting(rows):
         groups.setdefault(f"{r['dataset']}/{r['axis']}", []).append(r)
 
     def score(rs):
-        gold = np.array([r["gold"] for r in rs])
-        pred = np.array([r["predicted"] or _worst(r["gold"]) for r in rs])  # no rating: counted wrong
-        return all_metrics(gold, pred, [r["probs"] for r in rs])
+        return all_metrics(*_gold_pred(rs), [r["probs"] for r in rs])
     return {"overall": score(rows), "settings": {k: score(groups[k]) for k in sorted(groups)}}
+
+
+def _gold_pred(rows):
+    """(gold, pred) arrays of prediction rows; an answer with no rating counts as the worst one."""
+    gold = np.array([r["gold"] for r in rows])
+    return gold, np.array([r["predicted"] or _worst(r["gold"]) for r in rows])
 
 
 def _worst(gold):
@@ -242,40 +248,90 @@ def read_run_config(run_dir):
         return json.load(f)
 
 
-def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
-    """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
-    metrics.json into run_dir/eval-<split>/ and return the metrics. A run trained without a
-    validation split has no best/: its last/ is used."""
-    cfg = read_run_config(run_dir)
-    if cfg.get("full"):
-        raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
-                        f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
+def run_checkpoint(run_dir, checkpoint="best"):
+    """The checkpoint folder of a run to read: run_dir/<checkpoint>, where a run trained without a
+    validation split has no best/ and its last/ stands in."""
     ckpt = os.path.join(run_dir, checkpoint)
     if checkpoint == "best" and not os.path.isdir(ckpt):
         ckpt = os.path.join(run_dir, "last")
     if not os.path.isdir(ckpt):
         raise EvalError(f"{ckpt}: no such checkpoint (is the run finished?)")
+    return ckpt
+
+
+def fingerprint(ckpt):
+    """sha256 of a checkpoint's weights file: predictions are tied to the weights they came from."""
+    import hashlib
+
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        path = os.path.join(ckpt, name)
+        if os.path.exists(path):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            return h.hexdigest()
+    return None
+
+
+def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
+    """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
+    metrics.json (with the checkpoint's fingerprint) into run_dir/eval-<split>/ and return the metrics."""
+    cfg = read_run_config(run_dir)
+    if cfg.get("full"):
+        raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
+                        f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
+    ckpt = run_checkpoint(run_dir, checkpoint)
     model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize)
     records = split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"])
     order = cfg["order"] if cfg["variant"] != "label" else "rating_first"  # as data.build_examples trains it
     rows, metrics = evaluate(model, tok, records, device, batch_size, order=order,
                              template=cfg["template"], max_len=cfg["max_len"])
-    metrics.update(run=run_dir, checkpoint=ckpt, split=split, variant=cfg["variant"], seed=cfg["seed"])
+    metrics.update(run=run_dir, checkpoint=ckpt, checkpoint_sha256=fingerprint(ckpt), split=split,
+                   variant=cfg["variant"], seed=cfg["seed"])
     write_results(os.path.join(run_dir, f"eval-{split}"), rows, metrics)
     return metrics
 
 
 # ----------------------------------------------------------------------------- comparing runs
 
+def stale_reason(run, split):
+    """Why a run's saved predictions no longer describe its checkpoint (None: they do). Predictions
+    written by score_run record the checkpoint and its fingerprint; a retrained run changes them."""
+    path = os.path.join(run, f"eval-{split}", "metrics.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        return f"its metrics.json is unreadable ({e})"
+    if "checkpoint" not in saved:
+        return None
+    try:
+        now = run_checkpoint(run)
+    except EvalError:
+        return None
+    if os.path.abspath(now) != os.path.abspath(saved["checkpoint"]):
+        return f"it was scored from {saved['checkpoint']}, the run's checkpoint is now {now}"
+    if fingerprint(now) != saved.get("checkpoint_sha256"):
+        return f"{now} has changed since it was scored"
+    return None
+
+
 def load_grid(runs, split="test"):
-    """{variant: {seed: (run_dir, prediction rows sorted by item)}}. Runs not yet scored are scored
-    first. Runs scored on different items (or gold labels) are refused, never mixed."""
+    """{variant: {seed: (run_dir, prediction rows sorted by item)}}. Runs not yet scored, or whose
+    checkpoint changed since they were scored, are scored first. Runs scored on different items (or
+    gold labels) are refused, never mixed."""
     grid, ref = {}, None
     for run in runs:
         cfg = read_run_config(run)
         path = os.path.join(run, f"eval-{split}", "predictions.jsonl")
         if not os.path.exists(path):
             print(f"scoring {run} on the {split} split")
+            score_run(run, split)
+        elif reason := stale_reason(run, split):
+            print(f"rescoring {run} on the {split} split: {reason}")
             score_run(run, split)
         with open(path) as f:
             rows = sorted((json.loads(line) for line in f), key=lambda r: (r["dataset"], r["id"], r["axis"]))
@@ -286,13 +342,18 @@ def load_grid(runs, split="test"):
             raise EvalError(f"{run} was scored on different test items than {ref[0]} ({len(items)} vs "
                             f"{len(ref[1])} items, {len(set(items) ^ set(ref[1]))} not in both); "
                             "compare only runs scored on the same split of the same data")
-        seeds = grid.setdefault(cfg["variant"], {})
+        seeds = grid.setdefault(run_group(cfg), {})
         if cfg["seed"] in seeds:
-            raise EvalError(f"{run} and {seeds[cfg['seed']][0]} are both variant {cfg['variant']}, seed {cfg['seed']}")
+            raise EvalError(f"{run} and {seeds[cfg['seed']][0]} are both variant {run_group(cfg)}, seed {cfg['seed']}")
         seeds[cfg["seed"]] = (run, rows)
     if not grid:
         raise EvalError("no runs to compare")
     return grid
+
+
+def run_group(cfg):
+    """The column a run goes in: its variant, with '+rw' when trained with --rating-weight."""
+    return cfg["variant"] + ("+rw" if cfg.get("rating_weight") else "")
 
 
 def paired_bootstrap(diff, n_boot=2000, seed=0):
@@ -319,7 +380,10 @@ def compare(runs, out=None, split="test", n_boot=2000, seed=0):
     """Compare runs across variants and seeds; writes compare.md, .csv, .json (and .png with
     matplotlib) into `out` and returns the summary dict."""
     grid = load_grid(runs, split)
-    variants = sorted(grid, key=lambda v: (data.VARIANTS.index(v) if v in data.VARIANTS else 99, v))
+    def column_order(v):  # data.VARIANTS' order; 'explanation+rw' right after 'explanation'
+        name = v.split("+")[0]
+        return data.VARIANTS.index(name) if name in data.VARIANTS else 99, v
+    variants = sorted(grid, key=column_order)
     scores = {v: [metrics_by_setting(rows) for _, rows in grid[v].values()] for v in variants}
     settings = list(scores[variants[0]][0]["settings"]) + ["overall"]
 
@@ -328,18 +392,19 @@ def compare(runs, out=None, split="test", n_boot=2000, seed=0):
     table = {s: {v: {k: _mean_std([pick(m, s)[k] for m in scores[v]]) for k in METRICS} for v in variants}
              for s in settings}
 
-    versus = {}
+    versus, gap = {}, None
     if "label" in grid:
         def correct(v):  # (N,) per item, averaged over the variant's seeds
             return np.mean([[r["predicted"] == r["gold"] for r in rows] for _, rows in grid[v].values()], axis=0)
         acc = {v: table["overall"][v]["accuracy"]["mean"] for v in variants}
-        gap = acc.get("explanation", acc["label"]) - acc["label"]
+        gap = acc.get("explanation", acc["label"]) - acc["label"]  # the method's gain over label-only
         for v in [v for v in variants if v != "label"]:
             diffs = [round(table[s][v]["accuracy"]["mean"] - table[s]["label"]["accuracy"]["mean"], 12)
                      for s in settings[:-1]]  # rounded: equal means in another summation order tie
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
             versus[v] = {"wins": wins, "losses": losses, "settings": len(diffs),
-                         "gap_closed": (acc[v] - acc["label"]) / gap if gap else None,
+                         # defined only when there is a gap to close: explanation beats label
+                         "gap_closed": (acc[v] - acc["label"]) / gap if gap > 0 else None,
                          "accuracy_diff": acc[v] - acc["label"],
                          "ci95": paired_bootstrap(correct(v) - correct("label"), n_boot, seed),
                          "sign_p": sign_test(wins, losses), "per_setting": dict(zip(settings[:-1], diffs))}
@@ -347,9 +412,11 @@ def compare(runs, out=None, split="test", n_boot=2000, seed=0):
     calibration = {}
     for v in variants:
         pooled = [r for _, rows in grid[v].values() for r in rows]
-        calibration[v] = reliability(np.array([r["probs"] for r in pooled]), np.array([r["gold"] for r in pooled]))
+        gold, pred = _gold_pred(pooled)
+        calibration[v] = reliability(np.array([r["probs"] for r in pooled]), gold, pred)
     summary = {"split": split, "runs": {v: {str(s): run for s, (run, _) in grid[v].items()} for v in variants},
-               "table": table, "versus_label": versus, "reliability": calibration}
+               "table": table, "versus_label": versus, "reliability": calibration,
+               "gap": gap}
     out = out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in runs]), "compare")
     write_comparison(out, summary, variants, settings)
     return summary
@@ -378,6 +445,9 @@ def markdown(summary, variants, settings):
             gap = f"{x['gap_closed']:.0%}" if x["gap_closed"] is not None else "n/a"
             lines.append(row(v, f"{x['wins']}/{x['settings']}", gap,
                              f"{x['accuracy_diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]", f"{x['sign_p']:.3g}"))
+        if summary["gap"] is not None and summary["gap"] <= 0:
+            lines += ["", f"Gap closed is n/a: explanation does not beat label-only here (accuracy difference "
+                          f"{summary['gap']:+.3f}), so there is no gap for a pseudo-explanation to close."]
         lines += ["", "## Per-setting accuracy difference from label-only", "",
                   row("setting", *versus), row(*["---"] * (1 + len(versus)))]
         lines += [row(s, *(f"{x['per_setting'][s]:+.3f}" for x in versus.values())) for s in settings[:-1]]

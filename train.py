@@ -208,7 +208,9 @@ def newest_checkpoint(out):
 def prepare_out(cfg, rank):
     done, last = os.path.join(cfg.out, "done.json"), newest_checkpoint(cfg.out)
     if cfg.overwrite and rank == 0:
-        for name in ("done.json", "metrics.jsonl", "last", "last.old", "last.tmp", "best", "best.old", "best.tmp"):
+        old = ("done.json", "metrics.jsonl", "last", "last.old", "last.tmp", "best", "best.old", "best.tmp")
+        evals = [n for n in os.listdir(cfg.out) if n.startswith("eval-")] if os.path.isdir(cfg.out) else []
+        for name in old + tuple(evals):  # predictions of the old model go with it
             p = os.path.join(cfg.out, name)
             shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
     elif os.path.exists(done) and not cfg.resume:

@@ -314,3 +314,59 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_calibration_uses_the_prediction_accuracy_scores():
+    """An unparsed answer (uniform probabilities, counted wrong) is wrong in the reliability bins and
+    ECE too, even when gold is 1, the rating argmax would pick from a uniform row."""
+    rows = [{"id": "a", "dataset": "d", "axis": "x", "gold": 1, "predicted": None, "probs": [0.2] * 5}]
+    m = ev.metrics_by_setting(rows)["overall"]
+    assert m["accuracy"] == 0.0 and m["ece"] == pytest.approx(0.2)  # confidence 0.2, accuracy 0
+    assert ev.reliability(np.array([[0.2] * 5]), np.array([1]))[2][1] == 1.0  # argmax alone: wrongly right
+
+
+def test_gap_closed_is_undefined_when_explanation_loses(tmp_path):
+    root = str(tmp_path / "grid")
+    runs = [write_fake_predictions(root, "label", 0, 6), write_fake_predictions(root, "explanation", 0, 4),
+            write_fake_predictions(root, "shuffled", 0, 5)]
+    s = ev.compare(runs, str(tmp_path / "cmp"), n_boot=100)
+    assert s["gap"] == pytest.approx(-0.2)
+    assert s["versus_label"]["shuffled"]["gap_closed"] is None  # not (0.5 - 0.6) / -0.2 = +50%
+    md = read(str(tmp_path / "cmp" / "compare.md"))
+    assert "| shuffled | 0/4 | n/a |" in md and "explanation does not beat label-only here" in md
+
+
+def test_rating_weight_runs_form_their_own_column(tmp_path):
+    root = str(tmp_path / "grid")
+    runs = [write_fake_predictions(root, "label", 0, 5), write_fake_predictions(root, "explanation", 0, 8)]
+    rw = write_fake_predictions(root, "explanation", 1, 7)
+    os.rename(rw, rw.replace("explanation-s1", "explanation+rw-s0"))
+    rw = rw.replace("explanation-s1", "explanation+rw-s0")
+    cfg_path = os.path.join(rw, "train_config.json")
+    with open(cfg_path, "w") as f:
+        json.dump({"variant": "explanation", "seed": 0, "order": "rating_first", "rating_weight": True}, f)
+    s = ev.compare(runs + [rw], str(tmp_path / "cmp"), n_boot=100)
+    assert list(s["table"]["overall"]) == ["label", "explanation", "explanation+rw"]
+    assert s["table"]["overall"]["explanation+rw"]["accuracy"]["mean"] == pytest.approx(0.7)
+
+
+def test_compare_rescores_predictions_of_a_changed_checkpoint(demo, tmp_path, capsys):
+    """Predictions are tied to the adapter they came from: after the run's best/ changes, compare
+    scores it again instead of reporting the old model's figures under the new run's name."""
+    tok = data.Tokenizer(demo["tokenizer"])
+    run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])
+    first = ev.score_run(run)
+    assert first["checkpoint_sha256"] == ev.fingerprint(os.path.join(run, "best"))
+    ev.load_grid([run])
+    assert "rescoring" not in capsys.readouterr().out  # unchanged: the saved predictions serve
+    model = load_model(json.load(open(os.path.join(run, "train_config.json")))["model"])
+    torch.manual_seed(7)  # "retrained": another adapter in best/
+    lora.add_lora(model, rank=4, alpha=8)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    lora.save_adapter(model, os.path.join(run, "best"))
+    assert "has changed since it was scored" in ev.stale_reason(run, "test")
+    ev.load_grid([run])
+    assert "rescoring" in capsys.readouterr().out
+    second = json.load(open(os.path.join(run, "eval-test", "metrics.json")))
+    assert second["checkpoint_sha256"] != first["checkpoint_sha256"] and ev.stale_reason(run, "test") is None
