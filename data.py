@@ -275,9 +275,30 @@ def _check_rating(r, i, axes):
 
 
 def _rows(path):
-    """(line number, record or DataError) for each record of a .jsonl or .csv file."""
+    """(line number, record or DataError) for each record of a .jsonl or .csv file. A byte-order
+    mark is accepted; bytes that are not UTF-8 are an error naming the line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        yield from _decoded_rows(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{_first_bad_line(path)}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+
+
+def _first_bad_line(path):
+    """The first line of a file that is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return "?"
+
+
+def _decoded_rows(path):
     if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader, line = csv.DictReader(f), 2
             for row in reader:
                 row = {k: v for k, v in row.items() if v not in (None, "")}
@@ -330,9 +351,10 @@ def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kin
 
 
 def _open(path, mode="rt"):
+    encoding = "utf-8-sig" if "r" in mode else "utf-8"  # a byte-order mark, read, is no part of the text
     if path.endswith(".gz"):
-        return gzip.open(path, mode, encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
+        return gzip.open(path, mode, encoding=encoding)
+    return open(path, mode, encoding=encoding)
 
 
 def write_jsonl(records, path):

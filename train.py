@@ -205,21 +205,151 @@ def newest_checkpoint(out):
     return None
 
 
-def prepare_out(cfg, rank):
+# ----------------------------------------------------------------------------- the run folder
+
+RUN_FILES = ("done.json", "metrics.jsonl", "train_config.json", "last", "last.old", "last.tmp",
+             "best", "best.old", "best.tmp")
+# settings a --resume may change: they leave the trained result as it was (micro-batches up to float
+# rounding); every other setting must equal the saved run's
+RESUMABLE = ("resume", "overwrite", "dry_run", "device", "compile", "checkpointing", "micro_batch",
+             "val_every", "save_every", "log_every")
+
+
+class RunLock:
+    """out/lock holds the pid of the process writing the run, so that two trainings never write one
+    folder. The lock of a process that is gone (killed, crashed machine) is taken over, with a message."""
+
+    def __init__(self, out):
+        self.path, self.held = os.path.join(out, "lock"), False
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while not self.held:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = _lock_pid(self.path)
+                if pid is not None and _alive(pid):
+                    raise TrainError(f"{os.path.dirname(self.path)} is being written by process {pid} "
+                                     f"(lock file {self.path}); wait for it to finish or stop it") from None
+                print(f"taking over {self.path}: process {pid} that held it is gone")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+
+def _lock_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    """Whether process pid runs (not this one: a run is synchronous, so its own old lock is stale)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def saved_settings(cfg):
+    """The settings as train_config.json stores them: absolute paths, so that eval.py and analysis.py
+    find the base and the data from anywhere."""
+    return asdict(replace(cfg, model=os.path.abspath(cfg.model), data=os.path.abspath(cfg.data)))
+
+
+def check_resume(cfg):
+    """Refuse a --resume whose settings differ from the saved run's (those in RESUMABLE may change)."""
+    path = os.path.join(cfg.out, "train_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    defaults = asdict(TrainConfig())  # settings added since an old run was saved take their defaults
+    new = saved_settings(cfg)
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {new[k]!r}" for k in new
+            if k not in RESUMABLE and saved.get(k, defaults[k]) != new[k]]
+    if diff:
+        raise TrainError(f"{cfg.out}: --resume with settings that differ from the saved run ({'; '.join(diff)}); "
+                         f"resume with the saved ones, or --overwrite to start again (free to change on resume: "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[3:])})")
+
+
+def prepare_out(cfg):
+    """What --out holds decides what happens (rank 0 only): a finished or unfinished run is refused
+    unless --resume (same settings) or --overwrite. Overwritten files are moved into out/replaced/
+    and deleted only when the new run has saved its first checkpoint; an overwrite interrupted before
+    that is undone here first, so nothing is lost."""
+    replaced = os.path.join(cfg.out, "replaced")
+    restore_replaced(cfg.out)
     done, last = os.path.join(cfg.out, "done.json"), newest_checkpoint(cfg.out)
-    if cfg.overwrite and rank == 0:
-        old = ("done.json", "metrics.jsonl", "last", "last.old", "last.tmp", "best", "best.old", "best.tmp")
-        evals = [n for n in os.listdir(cfg.out) if n.startswith("eval-")] if os.path.isdir(cfg.out) else []
-        for name in old + tuple(evals):  # predictions of the old model go with it
-            p = os.path.join(cfg.out, name)
-            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+    if cfg.overwrite:
+        shutil.rmtree(replaced, ignore_errors=True)
+        names = [n for n in os.listdir(cfg.out) if n in RUN_FILES or n.startswith("eval-")]
+        if names:
+            os.makedirs(replaced)
+            for name in names:  # predictions of the old model (eval-*/) go with it
+                os.replace(os.path.join(cfg.out, name), os.path.join(replaced, name))
     elif os.path.exists(done) and not cfg.resume:
         raise TrainError(f"{cfg.out} holds a finished run; pass --overwrite to replace it")
     elif last and not cfg.resume:
         raise TrainError(f"{cfg.out} holds an unfinished run ({last}); pass --resume to continue it "
                          "or --overwrite to start again")
+    elif last:
+        check_resume(cfg)
+
+
+def restore_replaced(out):
+    """Undo an --overwrite that stopped before the new run saved a checkpoint: the old run comes back."""
+    replaced = os.path.join(out, "replaced")
+    if os.path.isdir(replaced) and newest_checkpoint(out) is None:
+        for name in os.listdir(replaced):
+            if os.path.exists(os.path.join(out, name)):  # what the failed run left (its metrics, config)
+                shutil.rmtree(os.path.join(out, name)) if os.path.isdir(os.path.join(out, name)) else \
+                    os.remove(os.path.join(out, name))
+            os.replace(os.path.join(replaced, name), os.path.join(out, name))
+        os.rmdir(replaced)
+        print(f"restored the run in {out} that an unfinished --overwrite had moved aside", file=sys.stderr)
+
+
+def claim_out(cfg, rank, world):
+    """Take the folder's lock and prepare it on rank 0; every rank gets rank 0's verdict, so a refusal
+    stops all of them and no rank ever reads a folder that rank 0 is changing."""
+    lock, problem = RunLock(cfg.out), None
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
+        try:
+            lock.acquire()
+            prepare_out(cfg)
+        except (TrainError, OSError) as e:
+            lock.release()
+            problem = str(e) if isinstance(e, TrainError) else f"{cfg.out}: cannot prepare the run folder ({e})"
+    if world > 1:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        raise TrainError(problem)
+    return lock
 
 
 def load_data(cfg, tok):
@@ -270,28 +400,22 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the run, stage by stage
 
-def run(cfg, loss_hook=None):
-    """Train one run as configured; returns its final validation metrics. loss_hook(step, loss),
-    when given, may replace the loss (the tests inject a NaN with it)."""
-    device, dtype = resolve_device(cfg)
-    rank, world = setup_distributed(device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
+def check_options(cfg, world):
     if cfg.variant not in data.VARIANTS:
         raise TrainError(f"unknown variant {cfg.variant!r}; variants: {', '.join(data.VARIANTS)}")
     if cfg.batch_size < world:
         raise TrainError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
-    if not cfg.dry_run:
-        prepare_out(cfg, rank)
 
-    # everything that can fail on bad input fails here, before any training
+
+def build(cfg, device, dtype):
+    """(tokenizer, train examples, val examples, model, trainable count): everything that can fail on
+    bad input, done before anything in --out is touched."""
     model_cfg = load_config(cfg.model)
     tok = data.Tokenizer(cfg.model)
     train_ex, val_ex = load_data(cfg, tok)
-    if cfg.dry_run:
+    if cfg.dry_run:  # the plan needs shapes, not weights
         with torch.device("meta"):
             model = Transformer(model_cfg)
     else:
@@ -304,140 +428,216 @@ def run(cfg, loss_hook=None):
         n_trainable = lora.add_lora(model, cfg.rank, cfg.alpha, cfg.lora_dropout,
                                     targets=tuple(cfg.targets.split(",")), rslora=cfg.rslora)
     model.gradient_checkpointing = cfg.checkpointing
+    return tok, train_ex, val_ex, model, n_trainable
 
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+def print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world):
+    """The numbers worth a look before a long run (nanoGPT prints the same kind at start-up)."""
     tokens_epoch = sum(len(e.input_ids) for e in train_ex)
     targets_epoch = sum(n_targets(e) for e in train_ex)
-    fused = device.type == "cuda"
-    log(f"model      {cfg.model}  {model_cfg.arch}, {model.n_params() / 1e6:.1f}M parameters, "
+    log(f"model      {cfg.model}  {model.config.arch}, {model.n_params() / 1e6:.1f}M parameters, "
         f"{'NF4 base, ' if cfg.quantize else ''}{dtype} on {device}{f' x {world} processes' if world > 1 else ''}")
     log(f"trainable  {n_trainable:,} ({'all weights' if cfg.full else f'LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}'})")
     log(f"data       {len(train_ex)} train / {len(val_ex)} val examples, {tokens_epoch:,} tokens "
-        f"({targets_epoch:,} target) per epoch, " + ("plain text" if cfg.full else f"variant {cfg.variant}, {cfg.order}"))
+        f"({targets_epoch:,.0f} target) per epoch, " + ("plain text" if cfg.full else f"variant {cfg.variant}, {cfg.order}"
+                                                        + (", rating token weighted" if cfg.rating_weight else "")))
     log(f"schedule   {total} steps of {cfg.batch_size} examples ({cfg.micro_batch} per micro-batch), "
         f"~{tokens_epoch / max(1, len(train_ex)) * cfg.batch_size:,.0f} tokens/step, lr {cfg.lr:g}, "
-        f"checkpointing {'on' if cfg.checkpointing else 'off'}, fused AdamW {'on' if fused else 'off'}")
-    log(f"memory     ~{estimate_memory(model_cfg, n_trainable, cfg, dtype) / 2**30:.2f} GiB estimated peak")
+        f"checkpointing {'on' if cfg.checkpointing else 'off'}, fused AdamW {'on' if device.type == 'cuda' else 'off'}")
+    log(f"memory     ~{estimate_memory(model.config, n_trainable, cfg, dtype) / 2**30:.2f} GiB estimated peak")
+
+
+def resume(cfg, model, opt, device, rank, world):
+    """(step, best) from the newest checkpoint in --out, with the optimizer and every rank's RNG state
+    restored; (0, None) when there is none."""
+    ckpt = newest_checkpoint(cfg.out) if cfg.resume else None
+    if not ckpt:
+        return 0, None
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    if cfg.full:
+        model.load_state_dict(load_model(ckpt, device=device).float().state_dict())
+    else:
+        lora.load_adapter(model, ckpt)
+    opt.load_state_dict(state["optimizer"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) != world:
+        raise TrainError(f"{ckpt}: saved by {len(ranks)} process(es), resumed with {world}; resume with as many")
+    torch.set_rng_state(ranks[rank])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if rank == 0:
+        print(f"resumed    from {ckpt} at step {state['step']}")
+    return state["step"], state["best"]
+
+
+def training_state(opt, step, best, device, world):
+    """What --resume needs besides the adapter; the RNG state of every rank (gathered on all ranks)."""
+    rng = torch.get_rng_state()
+    ranks = [rng]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, rng)
+    return {"optimizer": opt.state_dict(), "step": step, "best": best, "rng": ranks[0],
+            "rng_ranks": ranks if world > 1 else None,
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def optimizer_step(cfg, train_model, params, opt, train_ex, global_batch, pad_id, step, total, device,
+                   autocast, rank, world, loss_hook):
+    """Forward and backward over this rank's micro-batches of one global batch, then one AdamW step.
+    Returns (mean loss per target token over the global batch, tokens this rank saw)."""
+    n_tok = sum(n_targets(train_ex[i]) for i in global_batch)                    # whole global batch
+    mine = global_batch[rank * len(global_batch) // world:(rank + 1) * len(global_batch) // world]
+    # a rank left without examples (a short last batch) still runs one pass with zero weight, so that
+    # every rank meets DDP's gradient all-reduce: otherwise the others would wait for it for ever
+    weight = 1.0 if mine else 0.0
+    mine = mine or global_batch[:1]
+    micros = [mine[i:i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, total, cfg)
+    step_loss, tokens = torch.zeros((), device=device), 0
+    for j, micro in enumerate(micros):
+        batch = to_device(data.collate([train_ex[i] for i in micro], pad_id), device)
+        sync = j == len(micros) - 1 or world == 1
+        with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
+            loss = loss_sum(train_model, batch) * weight
+            if loss_hook is not None:
+                loss = loss_hook(step, loss)
+            # DDP averages gradients over ranks; scaling by world makes that a sum
+            (loss * world / n_tok).backward()
+        step_loss += loss.detach()
+        tokens += int(batch["attention_mask"].sum()) if weight else 0
+    if world > 1:
+        dist.all_reduce(step_loss)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not (torch.isfinite(step_loss) and torch.isfinite(gnorm)):
+        kept = newest_checkpoint(cfg.out)
+        raise TrainError(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'}; "
+                         f"stopped without updating. Last good checkpoint: {kept or 'none yet'}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss.item() / n_tok, tokens
+
+
+def progress_row(step, total, first_step, loss, lr, tokens_seen, elapsed, model, device, world):
+    """One metrics row and its progress line: loss, speed, memory and MFU on CUDA, time left."""
+    tps = tokens_seen * world / elapsed
+    row, extra = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps}, ""
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        extra += f" | {row['peak_mem_gib']:.1f} GiB"
+        if peak := peak_flops(device):  # LoRA on a frozen base: forward 2N + backward to activations 2N per token
+            row["mfu"] = 4 * model.n_params() * tps / world / peak
+            extra += f" | MFU {row['mfu']:.1%}"
+    eta = elapsed / (step - first_step) * (total - step)
+    line = (f"step {step:>5}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{extra} "
+            f"| {eta / 60:.1f} min left")
+    return row, line
+
+
+def run(cfg, loss_hook=None):
+    """Train one run as configured; returns its final validation metrics. loss_hook(step, loss),
+    when given, may replace the loss (the tests inject a NaN with it)."""
+    device, dtype = resolve_device(cfg)
+    rank, world = setup_distributed(device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    check_options(cfg, world)
+    torch.manual_seed(cfg.seed)
+    # build: every check of the model, tokenizer, data and options comes before --out is touched
+    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world)
     if cfg.dry_run:
         return None
-
-    if master:  # absolute paths, so eval.py and analysis.py find the base and data from anywhere
-        saved = replace(cfg, model=os.path.abspath(cfg.model), data=os.path.abspath(cfg.data))
-        write_atomic(os.path.join(cfg.out, "train_config.json"), json.dumps(asdict(saved), indent=2))
-    train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
-                else contextlib.nullcontext())
-
-    step, best = 0, None
-    ckpt = newest_checkpoint(cfg.out) if cfg.resume else None
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
-        if cfg.full:
-            model.load_state_dict(load_model(ckpt, device=device).float().state_dict())
-        else:
-            lora.load_adapter(model, ckpt)
-        opt.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        log(f"resumed    from {ckpt} at step {step}")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if master:  # drop rows a crashed run logged after its last checkpoint
-        rows = [json.loads(x) for x in open(metrics_path)] if os.path.exists(metrics_path) else []
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-
-    def record(row):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def checkpoint_state(step):
-        return {"optimizer": opt.state_dict(), "step": step, "best": best, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-    train_model.train()
-    epoch_batches, t0, tokens_seen, loss_acc, peak = {}, time.time(), 0, 0.0, peak_flops(device)
-    last_val, first_step = None, step
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: data.batch_indices(train_ex, cfg.batch_size, seed=cfg.seed, epoch=epoch)}
-        global_batch = epoch_batches[epoch][k]
-        n_tok = sum(n_targets(train_ex[i]) for i in global_batch)                    # whole global batch
-        mine = global_batch[rank * len(global_batch) // world:(rank + 1) * len(global_batch) // world]
-        micros = [mine[i:i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
-        for param_group in opt.param_groups:
-            param_group["lr"] = lr_at(step, total, cfg)
-        step_loss = torch.zeros((), device=device)
-        for j, micro in enumerate(micros):
-            batch = to_device(data.collate([train_ex[i] for i in micro], tok.pad_id), device)
-            sync = j == len(micros) - 1 or world == 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
-                loss = loss_sum(train_model, batch)
-                if loss_hook is not None:
-                    loss = loss_hook(step, loss)
-                # DDP averages gradients over ranks; scaling by world makes that a sum
-                (loss * world / n_tok).backward()
-            step_loss += loss.detach()
-            tokens_seen += int(batch["attention_mask"].sum())
+    lock = claim_out(cfg, rank, world)
+    try:
+        # a distinct dropout stream per rank (the LoRA initialisation above was the same on all)
         if world > 1:
-            dist.all_reduce(step_loss)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not (torch.isfinite(step_loss) and torch.isfinite(gnorm)):
-            kept = newest_checkpoint(cfg.out)
-            raise TrainError(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'}; "
-                             f"stopped without updating. Last good checkpoint: {kept or 'none yet'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        loss_acc += step_loss.item() / n_tok
+            torch.manual_seed(cfg.seed * 1_000_003 + rank)
+        train_model = torch.compile(model) if cfg.compile else model
+        if world > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
+                    else contextlib.nullcontext())
+        # resume: the checkpoint first, then the record of the settings (checked equal by claim_out)
+        step, best = resume(cfg, model, opt, device, rank, world)
+        metrics = os.path.join(cfg.out, "metrics.jsonl")
+        if master:
+            write_atomic(os.path.join(cfg.out, "train_config.json"), json.dumps(saved_settings(cfg), indent=2))
+            keep_metrics_until(metrics, step)
 
-        if step % cfg.log_every == 0 or step == total:
-            elapsed = time.time() - t0
-            tps = tokens_seen * world / elapsed
-            row = {"step": step, "loss": loss_acc / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every),
-                   "lr": opt.param_groups[0]["lr"], "tokens_per_s": tps}
-            extra = ""
-            if device.type == "cuda":
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                extra += f" | {row['peak_mem_gib']:.1f} GiB"
-                if peak:  # LoRA on a frozen base: forward 2N + backward to activations 2N per token
-                    row["mfu"] = 4 * model.n_params() * tps / world / peak
-                    extra += f" | MFU {row['mfu']:.1%}"
-            eta = elapsed / (step - first_step) * (total - step)
-            log(f"step {step:>5}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {tps:,.0f} tok/s{extra} "
-                f"| {eta / 60:.1f} min left", flush=True)
-            record(row)
-            loss_acc = 0.0
-        if val_ex and (step % cfg.val_every == 0 or step == total):
+        def record(row):
             if master:
-                last_val = validate(model, val_ex, tok, cfg, device, autocast)
-                score = (last_val["val_acc"], -last_val["val_loss"])
-                log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
-                record({"step": step, **last_val})
-                if best is None or score > tuple(best):
-                    best = list(score)
-                    save_checkpoint(cfg.out, "best", model, None, cfg)
-            if world > 1:
-                dist.barrier()
-        if step % cfg.save_every == 0 or step == total:
-            if master:
-                save_checkpoint(cfg.out, "last", model, checkpoint_state(step), cfg)
-            if world > 1:
-                dist.barrier()
-    if master:
-        write_atomic(os.path.join(cfg.out, "done.json"),
-                     json.dumps({"step": step, **(last_val or {}), "seconds": time.time() - t0}, indent=2))
-    if world > 1:
-        dist.destroy_process_group()
-    return last_val
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        train_model.train()
+        batches, t0, tokens_seen, losses, last_val, first_step = {}, time.time(), 0, [], None, step
+        while step < total:
+            # one optimizer step on the next global batch (a pure function of seed, epoch and step)
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch not in batches:
+                batches = {epoch: data.batch_indices(train_ex, cfg.batch_size, seed=cfg.seed, epoch=epoch)}
+            loss, tokens = optimizer_step(cfg, train_model, params, opt, train_ex, batches[epoch][k], tok.pad_id,
+                                          step, total, device, autocast, rank, world, loss_hook)
+            step, tokens_seen = step + 1, tokens_seen + tokens
+            losses.append(loss)
+            # log: the mean loss since the last line
+            if step % cfg.log_every == 0 or step == total:
+                row, line = progress_row(step, total, first_step, sum(losses) / len(losses), opt.param_groups[0]["lr"],
+                                         tokens_seen, time.time() - t0, model, device, world)
+                log(line, flush=True)
+                record(row)
+                losses = []
+            # validate, and keep the best adapter by (rating accuracy, -loss)
+            if val_ex and (step % cfg.val_every == 0 or step == total):
+                if master:
+                    last_val = validate(model, val_ex, tok, cfg, device, autocast)
+                    log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
+                    record({"step": step, **last_val})
+                    if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
+                        best = [last_val["val_acc"], -last_val["val_loss"]]
+                        save_checkpoint(cfg.out, "best", model, None, cfg)
+                if world > 1:
+                    dist.barrier()
+            # checkpoint: what --resume continues from; the first one retires a replaced run
+            if step % cfg.save_every == 0 or step == total:
+                state = training_state(opt, step, best, device, world)
+                if master:
+                    save_checkpoint(cfg.out, "last", model, state, cfg)
+                    shutil.rmtree(os.path.join(cfg.out, "replaced"), ignore_errors=True)
+                if world > 1:
+                    dist.barrier()
+        if master:
+            write_atomic(os.path.join(cfg.out, "done.json"),
+                         json.dumps({"step": step, **(last_val or {}), "seconds": time.time() - t0}, indent=2))
+        return last_val
+    except BaseException:
+        if master:  # a failure before the first checkpoint gives a replaced run back
+            restore_replaced(cfg.out)
+        raise
+    finally:
+        lock.release()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def keep_metrics_until(path, step):
+    """Drop the rows a crashed run logged after its last checkpoint (and a line the crash cut off)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    break  # a partial last line
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
 # ----------------------------------------------------------------------------- grid and demo
@@ -510,7 +710,7 @@ def main(argv=None):
             grid(TrainConfig(**a), variants, seeds)
         else:
             run(TrainConfig(**vars(_parser().parse_args(argv))))
-    except (TrainError, ModelError, data.DataError, lora.AdapterError) as e:
+    except (TrainError, ModelError, data.DataError, lora.AdapterError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

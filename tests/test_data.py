@@ -587,3 +587,19 @@ def test_cli_errors_are_one_line_and_help_lists_commands(tmp_path, capsys):
         data.main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and all(c in out for c in ("validate", "aggregate", "import", "preview", "demo"))
+
+
+def test_byte_order_mark_is_accepted_and_bad_bytes_name_the_line(tmp_path):
+    good = json.dumps(rec())
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")
+    assert data.load_records(str(bom))[0]["id"] == rec()["id"]
+    csv_bom = tmp_path / "bom.csv"
+    csv_bom.write_bytes(b"\xef\xbb\xbfid,dataset,context,response,axis,label\nx1,d,Hi,Hello,naturalness,4\n")
+    assert data.load_records(str(csv_bom))[0]["id"] == "x1"
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((good + "\n" + good.replace("Fine", "Caf\xe9")).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        data.load_records(str(bad))
+    with pytest.raises(DataError, match=r"missing.jsonl: no such file"):
+        data.load_records(str(tmp_path / "missing.jsonl"))

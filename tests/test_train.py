@@ -246,3 +246,130 @@ def test_rating_weight_runs_and_is_saved(setup, tmp_path):
         assert json.load(open(out / "train_config.json"))["rating_weight"] is flag
         losses[flag] = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl") if "loss" in json.loads(x)]
     assert losses[True][0] != pytest.approx(losses[False][0], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- run-folder safety
+
+def _finished(setup, out, **kw):
+    train.run(config(setup, out, steps=2, **kw))
+    return adapter(out / "last")
+
+
+def test_overwrite_checks_everything_before_touching_the_old_run(setup, tmp_path):
+    out = tmp_path / "run"
+    kept = _finished(setup, out)
+    for bad in (["--model", setup["base"] + "-typo"], ["--data", str(tmp_path / "missing.jsonl")],
+                ["--variant", "nonsense"]):
+        r = subprocess.run(_cli(setup, out, "--steps", "2", "--overwrite", *bad), capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert (out / "done.json").exists() and (out / "metrics.jsonl").exists()
+        assert_same_adapter(adapter(out / "last"), kept, 0.0)
+
+
+def test_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back(setup, tmp_path):
+    out = tmp_path / "run"
+    kept = _finished(setup, out)
+    (out / "eval-test").mkdir()
+
+    def crash(step, loss):
+        raise RuntimeError("power cut")
+    with pytest.raises(RuntimeError, match="power cut"):
+        train.run(config(setup, out, steps=4, lr=5e-2, overwrite=True), loss_hook=crash)
+    assert (out / "done.json").exists() and (out / "eval-test").exists() and not (out / "replaced").exists()
+    assert_same_adapter(adapter(out / "last"), kept, 0.0)
+    # a SIGKILL leaves replaced/ behind: the next start puts it back before deciding anything
+    (out / "replaced").mkdir()
+    for name in ("done.json", "last", "best", "metrics.jsonl", "train_config.json"):
+        if (out / name).exists():
+            os.replace(out / name, out / "replaced" / name)
+    with pytest.raises(train.TrainError, match="holds a finished run"):
+        train.run(config(setup, out, steps=2))
+    assert_same_adapter(adapter(out / "last"), kept, 0.0)
+    # a successful overwrite retires the old run and its stale predictions
+    train.run(config(setup, out, steps=2, lr=5e-2, overwrite=True))
+    assert not (out / "replaced").exists() and not (out / "eval-test").exists()
+    assert any((adapter(out / "last")[k] != kept[k]).any() for k in kept)
+
+
+def _unfinished(setup, out, **kw):
+    """A run stopped by a NaN at step 3, with its checkpoint of step 2."""
+    with pytest.raises(train.TrainError):
+        train.run(config(setup, out, steps=6, **kw), loss_hook=lambda s, loss: loss * float("nan") if s == 2 else loss)
+    newest = train.newest_checkpoint(str(out))
+    assert newest and not (out / "done.json").exists()
+    return newest
+
+
+def test_resume_refuses_changed_settings_and_allows_the_harmless_ones(setup, tmp_path):
+    out = tmp_path / "run"
+    _unfinished(setup, out)
+    saved = (out / "train_config.json").read_text()
+    with pytest.raises(train.TrainError, match=r"differ from the saved run \(--variant 'label' -> 'explanation'; --lr 0.01 -> 0.001\)"):
+        train.run(config(setup, out, steps=6, lr=1e-3, variant="explanation", resume=True))
+    assert (out / "train_config.json").read_text() == saved  # not rewritten by the refused resume
+    train.run(config(setup, out, steps=6, resume=True, log_every=3, micro_batch=8))
+    assert json.load(open(out / "done.json"))["step"] == 6
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "lock").write_text(str(alive.pid))
+        with pytest.raises(train.TrainError, match=f"being written by process {alive.pid}"):
+            train.run(config(setup, out, steps=2))
+        assert (out / "lock").read_text() == str(alive.pid)  # someone else's lock is left alone
+    finally:
+        alive.kill()
+        alive.wait()
+    train.run(config(setup, out, steps=2))
+    assert f"process {alive.pid} that held it is gone" in capsys.readouterr().out
+    assert not (out / "lock").exists() and (out / "done.json").exists()
+
+
+def _torchrun(setup, out, *extra, port, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    cmd += _cli(setup, out, *extra)[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_processes_short_last_batch_does_not_hang(setup, tmp_path):
+    """A last global batch of one example leaves rank 1 with nothing: it runs a zero-weight pass so
+    that both ranks meet in the gradient all-reduce, and the result equals one process."""
+    records = data.load_records(setup["data"])
+    kept = [r for r in records if data.split_of(r["id"]) == "train"][:17] + \
+        [r for r in records if data.split_of(r["id"]) == "val"][:4]
+    small = str(tmp_path / "small.jsonl")
+    data.write_jsonl(kept, small)  # 17 training examples: batches of 8, 8 and 1
+    args = ["--data", small, "--epochs", "1", "--batch-size", "8", "--micro-batch", "8", "--lora-dropout", "0"]
+    subprocess.run(_cli(setup, tmp_path / "one", *args), check=True, capture_output=True, cwd=ROOT)
+    _torchrun(setup, tmp_path / "two", *args, port=29541)
+    assert json.load(open(tmp_path / "two" / "done.json"))["step"] == 3
+    assert_same_adapter(adapter(tmp_path / "one" / "last"), adapter(tmp_path / "two" / "last"), 1e-5)
+
+
+def test_two_processes_kill_resume_and_overwrite(setup, tmp_path):
+    """With dropout, per-rank RNG streams saved and restored: a killed and resumed 2-process run
+    equals the uninterrupted one; --overwrite of a finished 2-process run trains again."""
+    args = ["--steps", "12", "--lora-dropout", "0.1"]
+    _torchrun(setup, tmp_path / "whole", *args, port=29542)
+    state = torch.load(tmp_path / "whole" / "last" / "state.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0], state["rng_ranks"][1])
+    proc = _torchrun(setup, tmp_path / "killed", *args, port=29543, popen=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and not (tmp_path / "killed" / "last" / "state.pt").exists():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "done.json").exists(), "finished before it was killed"
+    _torchrun(setup, tmp_path / "killed", *args, "--resume", port=29544)
+    assert_same_adapter(adapter(tmp_path / "whole" / "last"), adapter(tmp_path / "killed" / "last"), 1e-6)
+    r = _torchrun(setup, tmp_path / "whole", *args, "--overwrite", port=29545)
+    assert "x 2 processes" in r.stdout and (tmp_path / "whole" / "done.json").exists()
