@@ -192,11 +192,29 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def hf_nf4(path):
+    """transformers + bitsandbytes 4-bit model of a checkpoint, computing in fp32.
+
+    On CPUs with AVX512-BF16, bitsandbytes registers a fused CPU kernel for its 4-bit matmul that
+    rounds the activations and block scales to bf16 first (bitsandbytes/backends/cpu/ops.py, "cpu
+    fused op only support bf16"), whatever the compute dtype: its logits then carry bf16 error
+    (~4e-3 here) and cannot serve as an fp32 reference. There each 4-bit layer computes with
+    bitsandbytes' own exact dequantisation and an fp32 matmul instead, which is what it does on
+    every other CPU."""
     transformers = pytest.importorskip("transformers")
+    import bitsandbytes as bnb
+
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_compute_dtype=torch.float32)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config,
-                                                             device_map="cpu").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config,
+                                                              device_map="cpu").eval()
+    if bnb.functional.has_avx512bf16():
+        def exact(self, x):
+            w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.forward = exact.__get__(m)
+    return model
 
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
