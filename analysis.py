@@ -390,7 +390,8 @@ def main(argv=None):
         if a.n is not None and a.n < 1:
             raise AnalysisError(f"--n must be at least 1, got {a.n}")
         analyse(a.runs, a.out, a.split, a.n, a.checkpoint, a.batch_size, a.device)
-    except (AnalysisError, evaluate.EvalError, ModelError, data.DataError, lora.AdapterError) as e:
+    except (AnalysisError, evaluate.EvalError, ModelError, data.DataError, data.TokenizerError,
+            lora.AdapterError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

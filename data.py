@@ -58,6 +58,8 @@ from fractions import Fraction
 
 import sentencepiece as spm
 
+from tokenizer import Tokenizer, TokenizerError  # noqa: F401  (data.Tokenizer: the one the modules use)
+
 IGNORE_INDEX = -100  # label of every position that carries no loss: prompt and padding
 AXES = {  # built-in axes and the description each prompt states; users add others with --axes
     "naturalness": "fluent, idiomatic and human-sounding",
@@ -81,61 +83,6 @@ def _h(*parts):
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
-
-class Tokenizer:
-    """SentencePiece model from a tokenizer.model file or a checkpoint folder holding one."""
-
-    def __init__(self, path):
-        file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise DataError(f"{file}: no such tokenizer file")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(file)
-        except (OSError, RuntimeError) as e:
-            raise DataError(f"{file}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
-        self.path, self.vocab_size = file, self.sp.get_piece_size()
-        self.bos_id, self.eos_id, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        # Llama and Mistral define no pad piece; padding is masked anyway, so any valid id will do
-        self.pad_id = next(i for i in (self.sp.pad_id(), unk, self.eos_id, 0) if i >= 0)
-
-    def encode(self, text, bos=False, eos=False):
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
-
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
-
-    def piece(self, i):
-        return self.sp.id_to_piece(int(i))
-
-    def instruct(self, text):
-        """Ids of '<s>[INST] text [/INST]', as Llama-2-chat and Mistral-Instruct expect them.
-        Newer Mistral models have [INST] and [/INST] as control pieces, which text never encodes to."""
-        b, e = self.sp.piece_to_id("[INST]"), self.sp.piece_to_id("[/INST]")
-        if self.sp.is_control(b) and self.sp.is_control(e) and b != e:
-            return [self.bos_id, b] + self.encode(text) + [e]
-        return self.encode(f"[INST] {text} [/INST]", bos=True)
-
-    template = None  # interim, until tokenizer.py replaces this class
-
-    def spaced(self, text):
-        return self.encode(text)
-
-    def chat(self, text, system=None, template=None):
-        return self.instruct(text)
-
-    def ordinary_ids(self):
-        """Ids of ordinary pieces: not control, unknown, byte or unused."""
-        sp = self.sp
-        return [i for i in range(self.vocab_size)
-                if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
-
-    def continuation(self, text):
-        """Ids of text that directly follows other text: encode() without SentencePiece's dummy
-        prefix, so '\\nRating:' after a word gives ['<0x0A>', 'R', ...], not ['▁', '<0x0A>', ...]."""
-        ids = self.encode(text)
-        return ids[1:] if ids and not text.startswith(" ") and self.piece(ids[0]) == "▁" else ids
-
 
 def _rating_split(tok):
     """(p, ids): the five ratings encode as a shared prefix of p tokens and then one distinguishing
@@ -1178,7 +1125,7 @@ def main(argv=None):
         elif args.cmd == "demo":
             paths = write_demo(args.out, **_given(seed=args.seed, n_per_dataset=args.n_per_dataset))
             print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
-    except (DataError, OSError) as e:
+    except (DataError, TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

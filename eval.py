@@ -572,7 +572,7 @@ def main(argv=None):
         _print_metrics(m)
         if out:
             print(f"wrote {out}/predictions.jsonl and metrics.json")
-    except (EvalError, ModelError, data.DataError, lora.AdapterError) as e:
+    except (EvalError, ModelError, data.DataError, data.TokenizerError, lora.AdapterError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

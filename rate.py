@@ -505,7 +505,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         return summarize(args) if summarizing else rate(args)
-    except (RateError, ModelError, data.DataError, OSError) as e:
+    except (RateError, ModelError, data.DataError, data.TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -710,7 +710,7 @@ def main(argv=None):
             grid(TrainConfig(**a), variants, seeds)
         else:
             run(TrainConfig(**vars(_parser().parse_args(argv))))
-    except (TrainError, ModelError, data.DataError, lora.AdapterError, OSError) as e:
+    except (TrainError, ModelError, data.DataError, data.TokenizerError, lora.AdapterError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

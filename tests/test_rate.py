@@ -197,7 +197,7 @@ def expect_error(capsys, argv, message):
 
 def test_bad_inputs_are_one_line_errors(raters, conversations, tmp_path, capsys):
     out = str(tmp_path / "raw.jsonl")
-    expect_error(capsys, ["--raters", str(tmp_path / "nope"), "--input", conversations, "--out", out], "nope: not a rater folder")
+    expect_error(capsys, ["--raters", str(tmp_path / "nope"), "--input", conversations, "--out", out], "nope: not a rater (a .gguf file, or a folder")
     expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", out, "--prompts", "scale4,zero-shot"],
                  "unknown prompting strategy 'zero-shot'")
     expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", out, "--axes", "humour"],
