@@ -80,3 +80,86 @@ def test_load_smoke(tmp_path):
     assert [t["target"] for t in result["targets"]] == [
         "load + first forward time vs transformers", "load call time vs transformers", "peak RSS / checkpoint bytes"]
     check_targets(result)
+
+
+# ----------------------------------------------------------------------------- bench/gpu.py
+
+GPU_STAGES = ["matmul", "cuda_tests", "train_bf16", "train_nf4", "score", "real_run"]
+
+
+def test_gpu_smoke(tmp_path):
+    """bench/gpu.py --smoke: every stage present, each with figures or a stated reason; off CUDA the
+    CUDA-test stage is skipped (not an error) and every other stage runs at tiny sizes."""
+    import importlib.util
+
+    import torch
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--smoke", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OUT": str(tmp_path / "not-here")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "gpu.json").read_text())
+    assert doc["benchmark"] == "gpu" and doc["mode"] == "smoke"
+    assert {"torch", "device_name", "capability"} <= set(doc["machine"])
+    assert list(doc["stages"]) == GPU_STAGES
+    for name, stage in doc["stages"].items():
+        assert stage["status"] in ("ok", "skipped", "error"), name
+        if stage["status"] == "skipped":
+            assert stage["reason"], name
+        if stage["status"] == "error":
+            assert stage["error"], name
+    st = doc["stages"]
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        assert st["cuda_tests"]["status"] == "skipped" and "CUDA" in st["cuda_tests"]["reason"]
+    # everything else runs on the CPU; an error here would be an error on the GPU machine too
+    errors = {n: s.get("error") for n, s in st.items() if s["status"] != "ok" and n != "cuda_tests"}
+    assert not errors, errors
+    assert st["matmul"]["flops_per_s"] > 0 and st["matmul"]["copy_bytes_per_s"] > 0
+    fields = {"step_s", "tokens_per_s", "peak_bytes", "first_loss", "split_s", "mfu"}
+    for stage, sides in (("train_bf16", ["ours", "hf"]), ("train_nf4", ["ours-nf4", "hf-nf4"])):
+        for side in sides:
+            s = st[stage]["sides"][side]
+            if side == "hf-nf4" and importlib.util.find_spec("bitsandbytes") is None:
+                assert s["status"] == "skipped" and "bitsandbytes" in s["reason"]
+                continue
+            assert s["status"] == "ok" and fields <= set(s) and s["step_s"] > 0, (stage, side, s.get("error"))
+        if len([s for s in st[stage]["sides"].values() if s["status"] == "ok"]) == 2:
+            assert st[stage]["first_loss_spread"] < 1e-4  # the same weights and batch on both sides
+    assert st["score"]["ratio"] > 0 and st["score"]["max_logit_diff"] < 1e-4
+    run = st["real_run"]
+    assert run["steps"] > 0 and run["eval"]["n"] > 0 and "random base" in run["base"]
+    assert all(isinstance(t["pass"], bool) for t in doc["targets"])
+    table = (out / "gpu.md").read_text()
+    assert "| stage | status |" in table and "| figure | this project | transformers | ratio |" in table
+    assert (out / "gpu_trace.txt").exists() and (out / "gpu_real_run.txt").exists()
+    assert not (tmp_path / "not-here").exists()  # --out wins over $OUT
+
+
+def test_gpu_stage_guard(tmp_path, monkeypatch):
+    """A stage that raises, or runs past its budget, records why; the report is still written."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import time
+
+    import torch
+
+    import gpu
+
+    report = gpu.Report(str(tmp_path), torch.device("cpu"), True, ["--smoke"])
+
+    def boom(report, res, limit):
+        res["partial"] = 1
+        raise ValueError("broken on purpose")
+
+    def slow(report, res, limit):
+        time.sleep(limit + 5)
+
+    gpu.run_stage(report, "score", boom, 30, time.time() + 60)
+    gpu.run_stage(report, "real_run", slow, 1, time.time() + 60)
+    gpu.run_stage(report, "matmul", gpu.stage_matmul, 30, time.time() + 1)  # past the run's deadline
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["stages"]["score"]["status"] == "error" and "broken on purpose" in doc["stages"]["score"]["error"]
+    assert doc["stages"]["score"]["partial"] == 1                         # what it had measured is kept
+    assert doc["stages"]["real_run"]["status"] == "error" and "budget" in doc["stages"]["real_run"]["error"]
+    assert doc["stages"]["matmul"]["status"] == "skipped" and "deadline" in doc["stages"]["matmul"]["reason"]
+    assert "broken on purpose" in (tmp_path / "gpu.md").read_text()
