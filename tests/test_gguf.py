@@ -345,13 +345,8 @@ SEQS = [PROMPT, [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 216, 
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    t = time.perf_counter()
-    ours = M.load_model(smollm2_gguf)
-    load_s = time.perf_counter() - t
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32).eval()
-    return ours, theirs, load_s
+def smollm2(smollm2_pair):
+    return smollm2_pair
 
 
 def test_smollm2_config(smollm2_gguf):
