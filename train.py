@@ -390,14 +390,19 @@ def estimate_memory(model_cfg, n_trainable, cfg, dtype):
     return weights + trainable + acts
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# dense bf16 tensor-core peak (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name;
+# the first match wins, so the longer names come first ("H100 PCIe" before "H100", "L40S" before "L4")
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12),
+                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+                   ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12)]
 
 
 def peak_flops(device):
-    if device.type != "cuda":
+    """The datasheet bf16 peak of a CUDA device (the MFU denominator); None elsewhere or when unknown."""
+    if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
 
 # ----------------------------------------------------------------------------- the run, stage by stage
@@ -419,7 +424,9 @@ def build(cfg, device, dtype):
         with torch.device("meta"):
             model = Transformer(model_cfg)
     else:
-        model = load_model(cfg.model, device=device, dtype=dtype, quantize=cfg.quantize or None)
+        # --full trains every weight: fp32 master weights (autocast still computes in bf16 on CUDA)
+        model = load_model(cfg.model, device=device, dtype=torch.float32 if cfg.full else dtype,
+                           quantize=cfg.quantize or None)
     if cfg.full:
         model.float().requires_grad_(True)
         n_trainable = model.n_params()
@@ -455,31 +462,32 @@ def resume(cfg, model, opt, device, rank, world):
         return 0, None
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
     if cfg.full:
-        model.load_state_dict(load_model(ckpt, device=device).float().state_dict())
+        model.load_state_dict(load_model(ckpt, device=device, dtype=torch.float32).state_dict())
     else:
         lora.load_adapter(model, ckpt)
     opt.load_state_dict(state["optimizer"])
-    ranks = state.get("rng_ranks") or [state["rng"]]
+    ranks = state.get("rng_ranks") or [(state["rng"], state.get("cuda_rng"))]
     if len(ranks) != world:
         raise TrainError(f"{ckpt}: saved by {len(ranks)} process(es), resumed with {world}; resume with as many")
-    torch.set_rng_state(ranks[rank])
-    if device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    cpu_rng, cuda_rng = ranks[rank]
+    torch.set_rng_state(cpu_rng)
+    if device.type == "cuda" and cuda_rng is not None:  # LoRA dropout on CUDA draws from this one
+        torch.cuda.set_rng_state(cuda_rng, device)
     if rank == 0:
         print(f"resumed    from {ckpt} at step {state['step']}")
     return state["step"], state["best"]
 
 
 def training_state(opt, step, best, device, world):
-    """What --resume needs besides the adapter; the RNG state of every rank (gathered on all ranks)."""
-    rng = torch.get_rng_state()
-    ranks = [rng]
+    """What --resume needs besides the adapter; the CPU and CUDA RNG states of every rank (gathered
+    on all ranks: each rank draws its own dropout masks)."""
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None)
+    ranks = [mine]
     if world > 1:
         ranks = [None] * world
-        dist.all_gather_object(ranks, rng)
-    return {"optimizer": opt.state_dict(), "step": step, "best": best, "rng": ranks[0],
-            "rng_ranks": ranks if world > 1 else None,
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        dist.all_gather_object(ranks, mine)
+    return {"optimizer": opt.state_dict(), "step": step, "best": best, "rng": ranks[0][0], "cuda_rng": ranks[0][1],
+            "rng_ranks": ranks if world > 1 else None}
 
 
 def optimizer_step(cfg, train_model, params, opt, train_ex, global_batch, pad_id, step, total, device,
@@ -527,7 +535,8 @@ def progress_row(step, total, first_step, loss, lr, tokens_seen, elapsed, model,
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         extra += f" | {row['peak_mem_gib']:.1f} GiB"
         if peak := peak_flops(device):  # LoRA on a frozen base: forward 2N + backward to activations 2N per token
-            row["mfu"] = 4 * model.n_params() * tps / world / peak
+            n_base = model.n_params() - sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+            row["mfu"] = 4 * n_base * tps / world / peak
             extra += f" | MFU {row['mfu']:.1%}"
     eta = elapsed / (step - first_step) * (total - step)
     line = (f"step {step:>5}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{extra} "
@@ -546,6 +555,8 @@ def run(cfg, loss_hook=None):
     torch.manual_seed(cfg.seed)
     # build: every check of the model, tokenizer, data and options comes before --out is touched
     tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
+    if not train_ex:
+        raise TrainError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world)

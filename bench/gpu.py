@@ -197,7 +197,7 @@ def stage_matmul(report, res, limit):
     seconds, _ = common.timed(lambda: [y.copy_(x) for _ in range(5)], dev)
     res["copy_bytes_per_s"] = 2 * x.numel() * 5 / seconds        # read + written
     res["datasheet_bf16_flops_per_s"] = gpu_peak_flops(dev) if cuda else None
-    res["datasheet_source"] = "bench/train_step.py GPU_PEAK_BF16 (dense bf16, no sparsity)"
+    res["datasheet_source"] = "train.py PEAK_BF16_FLOPS (dense bf16, no sparsity)"
     print(f"   {res['flops_per_s'] / 1e12:.3g} TFLOP/s ({res['dtype']}, {n}^3), copy {res['copy_bytes_per_s'] / 1e9:.0f} GB/s"
           + (f", datasheet {res['datasheet_bf16_flops_per_s'] / 1e12:.0f}" if res["datasheet_bf16_flops_per_s"] else ""))
 

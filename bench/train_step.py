@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, replace
 
 import common  # noqa: F401  (puts the project root on sys.path)
 import torch
-import torch.nn.functional as F
 
 import lora
 from model import DTYPES, PRESETS, Config, Transformer, load_model
@@ -67,27 +66,9 @@ PROFILES = {
                      mem_steps=2, rank=4, alpha=8.0),
 }
 
-# bf16 dense tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (no sparsity)
-GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                 ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-                 ("A10", 125e12), ("4090", 165e12), ("3090", 71e12)]
-
-
-def gpu_peak_flops(device):
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_BF16 if k in name), None)
-
-
-try:  # the training loss exactly as train.py computes it (train.py needs data.py to import)
-    from train import loss_sum
-    LOSS_FN = "train.loss_sum"
-except ImportError:
-    def loss_sum(model, batch):
-        """A copy of train.loss_sum: summed cross-entropy, the LM head only on target positions."""
-        mask = batch["targets"] != IGNORE_INDEX                                     # (B, T)
-        logits = model(batch["input_ids"], logits_at=mask)                          # (N, V)
-        return F.cross_entropy(logits.float(), batch["targets"][mask], reduction="sum")
-    LOSS_FN = "copy of train.loss_sum (train.py not importable here)"
+# the training loss exactly as train.py computes it, and its one table of datasheet peaks
+from train import loss_sum, peak_flops as gpu_peak_flops  # noqa: E402
+LOSS_FN = "train.loss_sum"
 
 
 # ----------------------------------------------------------------------------- weights and batch

@@ -4,7 +4,6 @@ SmolLM2-135M-Instruct file against transformers' own GGUF loading."""
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

@@ -361,7 +361,8 @@ def test_two_processes_kill_resume_and_overwrite(setup, tmp_path):
     args = ["--steps", "12", "--lora-dropout", "0.1"]
     _torchrun(setup, tmp_path / "whole", *args, port=29542)
     state = torch.load(tmp_path / "whole" / "last" / "state.pt", weights_only=True)
-    assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0], state["rng_ranks"][1])
+    (cpu0, _), (cpu1, _) = state["rng_ranks"]  # (CPU, CUDA) RNG state of each rank
+    assert not torch.equal(cpu0, cpu1)
     proc = _torchrun(setup, tmp_path / "killed", *args, port=29543, popen=True)
     deadline = time.time() + 200
     while time.time() < deadline and not (tmp_path / "killed" / "last" / "state.pt").exists():
@@ -373,3 +374,9 @@ def test_two_processes_kill_resume_and_overwrite(setup, tmp_path):
     assert_same_adapter(adapter(tmp_path / "whole" / "last"), adapter(tmp_path / "killed" / "last"), 1e-6)
     r = _torchrun(setup, tmp_path / "whole", *args, "--overwrite", port=29545)
     assert "x 2 processes" in r.stdout and (tmp_path / "whole" / "done.json").exists()
+
+
+def test_max_len_too_small_for_any_prompt_is_one_line(setup, tmp_path):
+    r = subprocess.run(_cli(setup, tmp_path / "run", "--max-len", "8"), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "no training example fits in --max-len 8" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
