@@ -1,0 +1,773 @@
+"""The paper's experiment end to end at a chosen size, in one resumable command.
+
+    python study.py --dry-run                      # the plan and time estimate of every size
+    python study.py --smoke --out /tmp/s           # tiny models built here, seconds (the tests run it)
+    python study.py --quick                        # SmolLM2-135M-Instruct rates and learns, ~10 min on 2 CPU cores
+    python study.py --default                      # the CPU study, <= 90 min on 2 cores, 3 seeds
+    python study.py --paper --student models/Mistral-7B-v0.1   # on a GPU: every conversation
+    python study.py --quick --labels results/default/chitchat-train.jsonl   # start from labelled data
+
+Stages, each skipped when its output is complete (so a killed study continues where it stopped):
+  1 conversations  data.import_conversations("chitchat"): real human chit-chat, cut at a hashed turn
+                   -> conversations.jsonl
+  2 corpus         data.write_demo: the controlled corpus (explanations name the cues that set each
+                   label), a sample of it -> demo/
+  3 models         the rater and the student: SmolLM2's GGUF (model.smollm2_path()), or for --smoke a
+                   tokenizer, a scripted tiny rater and a tiny random student built here -> models/
+  4 ratings        rate.py: one rater x the four prompting strategies x three axes, sampled K times;
+                   rate.py summarize; data.aggregate(method="mean") -> raw.jsonl, chitchat-train.jsonl,
+                   aggregation.txt, labels.json (a warning when an axis collapses onto one label)
+  5 training       per corpus, train.py grid over every variant x seed, plus the label-dilution
+                   control (explanation and random with rating_weight) -> <corpus>/runs/<variant>[+rw]-s<seed>
+  6 results        eval.py (each run scored, then compare) and analysis.py per corpus -> <corpus>/compare,
+                   compare-rw, analysis, analysis-rw; the small files copied to --results with study.json
+Outputs are written under a temporary name and renamed; rate.py and train.py resume by themselves
+(rate.py appends and skips ratings it has, train.py continues from its last checkpoint). Every stage
+start, unit of work and end is appended to study.log.jsonl, the wall times in study.json come from it.
+
+The sizes are fixed below (SIZES) and were set before any study ran, from the speeds in SPEED; they
+are not tuned towards any answer. One rater sampled K times is not the paper's ensemble of three
+models: the averaging and summarising are the same, the raters' diversity is not. The chit-chat
+package has 4,017 conversations that can be cut, so the paper size rates 12,051 items, not 15,000.
+Known today: SmolLM2-135M-Instruct rarely answers in rate.py's "Score: N / Explanation: ..." format
+(0 of 8 in a check), so the quick and default studies stop at stage 4 with "no item has a valid
+rating" until rate.py guides the answer (e.g. prefills "Score:" and then "Explanation:").
+Left out: the work itself (data.py, rate.py, train.py, eval.py and analysis.py do it; this file
+calls them), the other five datasets (their files are not on this machine), and any download.
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+import analysis
+import data
+import eval as evaluate
+import lora
+import rate
+import train
+from model import Config, ModelError, Transformer, save_model, smollm2_path
+from tokenizer import TokenizerError
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    conversations: int | None   # chit-chat conversations kept (None: all that can be cut, 4,017)
+    samples: int                # sampled ratings per (conversation, axis, strategy)
+    demo_per_dataset: int       # demo items per each of the six demo datasets
+    seeds: tuple                # training seeds of every variant
+    steps: int                  # optimizer steps per run (0: `epochs` passes over the training split)
+    batch_size: int             # examples per optimizer step
+    micro_batch: int            # examples per forward pass
+    max_len: int                # training tokens per example (old turns cut first)
+    analysis_n: int | None      # test examples per run that analysis.py reads (None: all)
+    rater: str = "smollm2"      # "smollm2", "smoke" (built here) or a checkpoint path
+    student: str = "smollm2"    # the same choices; one pretrained student for both corpora
+    epochs: float = 1.0         # with steps = 0
+    lr: float = 2e-4            # LoRA peak learning rate
+    rank: int = 16              # LoRA rank (alpha = 2 x rank)
+    checkpointing: bool = False  # activation checkpointing (on for the GPU size)
+    variants: tuple = data.VARIANTS               # every target variant
+    rw_variants: tuple = ("explanation", "random")  # trained again with rating_weight=True
+    temperature: float = 0.7    # rater sampling temperature (> 0: the K samples differ)
+    rate_batch: int = 16        # prompts generated together
+    rate_new_tokens: int = 48   # "Score: N" and an explanation of a sentence or two
+    rate_prompt_tokens: int = 384  # longer rating prompts lose their oldest turns
+    summary_new_tokens: int = 64
+    seed: int = 0               # the conversation sample, the demo corpus and the rater's sampling
+    device: str = "auto"        # train.py / eval.py / analysis.py device
+
+
+SIZES = {
+    "smoke": Size("smoke", conversations=8, samples=1, demo_per_dataset=4, seeds=(0, 1), steps=2,
+                  batch_size=4, micro_batch=4, max_len=256, analysis_n=4, rater="smoke", student="smoke",
+                  lr=1e-3, rank=4, rate_new_tokens=20, rate_prompt_tokens=512, summary_new_tokens=20),
+    "quick": Size("quick", conversations=4, samples=2, demo_per_dataset=3, seeds=(0,), steps=2,
+                  batch_size=4, micro_batch=4, max_len=160, analysis_n=4, rate_prompt_tokens=320),
+    "default": Size("default", conversations=30, samples=2, demo_per_dataset=8, seeds=(0, 1, 2), steps=4,
+                    batch_size=8, micro_batch=4, max_len=224, analysis_n=12, rate_prompt_tokens=256,
+                    rate_new_tokens=40),
+    "paper": Size("paper", conversations=None, samples=3, demo_per_dataset=150, seeds=(0, 1, 2), steps=0,
+                  batch_size=16, micro_batch=8, max_len=512, analysis_n=500, checkpointing=True,
+                  rate_batch=64, rate_prompt_tokens=1024, rate_new_tokens=96, summary_new_tokens=128,
+                  device="cuda"),
+}
+STAGES = ("conversations", "corpus", "models", "ratings", "training", "results")
+CORPORA = ("chitchat", "demo")
+COLLAPSE = 0.8  # warn when one label holds more than this share of an axis
+CHITCHAT_CONVERSATIONS = 4017  # of the package's 7,168, those with two turns or more
+
+# Speeds for the time estimates, measured on the 2-core CPU development machine (AMD EPYC, torch
+# 2.13 CPU): SmolLM2 LoRA training ~150-200 tokens/s, a forward pass ~500 tokens/s, rating ~60 a
+# minute at batch 16 with 200-token prompts and 40 new tokens; "smoke" from its own runs. A rating
+# is assumed to cost (prompt + 3 x new tokens) / 320 of that minute's 60th. No GPU speeds: unmeasured.
+# (A check with batch 8, ~260-token prompts and 48 new tokens, on the machine at load average 3-4,
+# took 50-70 s per batch: rating may run 2-3x slower than planned here when the CPU is shared.)
+SPEED = {
+    "smollm2": {"load_s": 4.0, "train_tok_s": 175.0, "forward_tok_s": 500.0, "rating_s": 1.0, "run_s": 2.0},
+    "smoke": {"load_s": 0.02, "train_tok_s": 10000.0, "forward_tok_s": 50000.0, "rating_s": 0.015, "run_s": 0.15},
+}
+TOKENS = {"chitchat": 420, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
+          "rubric": 90, "examples": 160, "rated_explanation": 35}
+SMOKE_ANSWER = "Score:{}\nExplanation:Fluent reply."  # what the scripted smoke rater says, score sampled
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or continue; the message says why."""
+
+
+# ----------------------------------------------------------------------------- files, atomically
+
+def _replace_file(write, path):
+    """write(tmp) then rename tmp to path: a killed study never leaves half a file under its name."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    _replace_file(w, path)
+
+
+def write_text(text, path):
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _replace_file(w, path)
+
+
+def copy_file(src, dst):
+    _replace_file(lambda tmp: shutil.copyfile(src, tmp), dst)
+
+
+def build_dir(path, build):
+    """build(tmp_dir) into path + '.tmp' (cleared first), then rename it to path."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    result = build(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # left by a kill before the stage's own marker was written
+    os.replace(tmp, path)
+    return result
+
+
+def _json_ok(path):
+    try:
+        with open(path) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class Log:
+    """study.log.jsonl: one line per stage start, unit of work, skip and end, appended as it happens."""
+
+    def __init__(self, path):
+        self.path, self.run = path, f"{os.getpid()}-{time.time():.6f}"  # one id per invocation
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                tail = f.read()[-1:]
+            if tail and tail != b"\n":  # a line cut off by a kill: end it, readers skip it
+                with open(path, "a") as f:
+                    f.write("\n")
+
+    def __call__(self, stage, event, what=""):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"t": time.time(), "run": self.run, "stage": stage, "event": event,
+                                "what": what}) + "\n")
+
+    def events(self):
+        out = []
+        if os.path.exists(self.path):
+            for line in open(self.path):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def seconds(self):
+        """Wall time per stage, summed over the invocations that worked on it (start to their last
+        unit or end: a killed invocation counts up to its last finished unit)."""
+        spans = {}
+        for e in self.events():
+            key = (e["run"], e["stage"])
+            if e["event"] == "start":
+                spans[key] = [e["t"], e["t"]]
+            elif key in spans and e["event"] in ("unit", "done"):
+                spans[key][1] = e["t"]
+        total = Counter()
+        for (_, stage), (a, b) in spans.items():
+            total[stage] += b - a
+        return dict(total)
+
+
+def _clock(s):
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def _kind(model):
+    """The row of SPEED a rater or student runs at: 'smoke', 'smollm2' (or its file), else None."""
+    return model if model in SPEED else "smollm2" if os.path.basename(model).lower().startswith("smollm2") else None
+
+
+def run_names(size):
+    """(folder name, variant, seed, rating_weight) of every run of one corpus, seed by seed."""
+    out = []
+    for s in size.seeds:
+        out += [(f"{v}-s{s}", v, s, False) for v in size.variants]
+        out += [(f"{v}+rw-s{s}", v, s, True) for v in size.rw_variants]
+    return out
+
+
+def counts(size, labels=None):
+    """Conversations, and items per corpus and split as planned (data.split_of: 70% train, 10% val,
+    20% test); with labels, the chit-chat items are that file's records."""
+    n_conv = size.conversations or CHITCHAT_CONVERSATIONS
+    n_labels = None
+    if labels and os.path.isfile(labels):
+        with open(labels) as f:
+            n_labels = sum(1 for line in f if line.strip())
+    items = {"chitchat": n_labels or 3 * n_conv, "demo": 3 * 6 * size.demo_per_dataset}
+    return n_conv, {c: {"all": n, "train": round(0.7 * n), "val": round(0.1 * n), "test": round(0.2 * n)}
+                    for c, n in items.items()}
+
+
+def estimate(size, labels=None):
+    """Planned seconds per stage (None where the speeds are unmeasured, e.g. any GPU)."""
+    rater, student = SPEED.get(_kind(size.rater)), SPEED.get(_kind(size.student))
+    if size.device.startswith("cuda") or (size.device == "auto" and torch.cuda.is_available()):
+        rater = student = None
+    n_conv, items = counts(size, labels)
+    est = {"conversations": 2.0, "corpus": 1.0 + 0.002 * items["demo"]["all"], "models": 2.0}
+    if labels:
+        est["conversations"], est["ratings"] = 0.0, 0.0
+    elif rater:
+        def gen(prompt, new):  # seconds per generated answer
+            return rater["rating_s"] * (prompt + 3 * new) / 320
+        prompt = min(size.rate_prompt_tokens, TOKENS["rubric"] + TOKENS["chitchat"] + TOKENS["examples"] / 2)
+        summary = min(size.rate_prompt_tokens, TOKENS["rubric"] + TOKENS["chitchat"]
+                      + 4 * size.samples * TOKENS["rated_explanation"])
+        n_ratings = n_conv * len(data.AXES) * len(rate.STRATEGIES) * size.samples
+        est["ratings"] = (2 * rater["load_s"] + n_ratings * gen(prompt, size.rate_new_tokens)
+                          + n_conv * len(data.AXES) * gen(summary, size.summary_new_tokens))
+    else:
+        est["ratings"] = None
+    if student is None:
+        est["training"] = est["results"] = None
+        return est
+    train_s = results_s = 0.0
+    for corpus in CORPORA:
+        n = items[corpus]
+        per_ex = min(size.max_len, TOKENS[corpus] + TOKENS["prompt"])
+        steps = size.steps or math.ceil(size.epochs * n["train"] / size.batch_size)
+        for _, variant, _, _ in run_names(size):
+            tokens = per_ex + (TOKENS["explanation"] if variant != "label" else 0)
+            train_s += (student["load_s"] + student["run_s"] + steps * size.batch_size * tokens / student["train_tok_s"]
+                        + n["val"] * tokens / student["forward_tok_s"])
+        n_runs = len(run_names(size))
+        analysed = n_runs + len(size.seeds)  # label runs are read again beside the rw runs
+        n_an = min(size.analysis_n or n["test"], n["test"])
+        results_s += (n_runs * (student["load_s"] + n["test"] * per_ex / student["forward_tok_s"])
+                      + analysed * (student["load_s"] + 2 * n_an * per_ex / student["forward_tok_s"]) + 0.5)
+    est["training"], est["results"] = train_s, results_s
+    return est
+
+
+def describe(size, labels=None, rater=None, student=None):
+    """The plan, as printed before a study starts (and by --dry-run)."""
+    size = replace(size, rater=rater or size.rater, student=student or size.student)
+    n_conv, items = counts(size, labels)
+    est = estimate(size, labels)
+    runs = len(run_names(size))
+    total = None if None in est.values() else sum(est.values())
+    lines = [f"study '{size.name}': rater {size.rater}, student {size.student}",
+             f"  data      {'labels from ' + labels if labels else f'{n_conv} chit-chat conversations'} "
+             f"(~{items['chitchat']['all']} items x axis) + demo corpus {items['demo']['all']} items "
+             f"(6 datasets x {size.demo_per_dataset} x 3 axes)",
+             f"  ratings   " + ("none (--labels)" if labels else
+                                f"{n_conv * 12 * size.samples} = {n_conv} x 3 axes x 4 strategies x {size.samples} "
+                                f"samples (temperature {size.temperature}), {n_conv * 3} summaries"),
+             f"  training  {runs} runs per corpus = ({len(size.variants)} variants + {len(size.rw_variants)} "
+             f"rating-weighted) x {len(size.seeds)} seeds, "
+             + (f"{size.steps} steps" if size.steps else f"{size.epochs:g} epoch(s)")
+             + f" of {size.batch_size} examples, max_len {size.max_len}, LoRA r={size.rank}, lr {size.lr:g}",
+             "  estimate  " + ", ".join(f"{s} {_clock(est[s])}" for s in STAGES) + f"; total {_clock(total)}"
+             + ("" if total is not None else " (speeds for this model or device were not measured)")]
+    return "\n".join(lines), est
+
+
+# ----------------------------------------------------------------------------- stage 3: models
+
+def _spm(text_path, prefix, vocab_size, **extra):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        input=text_path, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+        byte_fallback=True, split_digits=True, required_chars="0123456789", normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2, **extra)
+    return prefix + ".model"
+
+
+def build_smoke_rater(path, text_path, seed=0, gain=2.0):
+    """A scripted tiny rater: every layer's output projection is zero, so each next token depends on
+    the current one only (a bigram table in the embedding and the LM head). From any token that is
+    not part of the answer it starts SMOKE_ANSWER; after 'Score:' the five digits are equally likely,
+    so sampling gives varied scores (a 5 on the 1-4 scale fails to parse and is retried, as with a
+    real model). Its tokenizer keeps 'Score:' and 'Explanation:' as single pieces, which makes every
+    other piece of the answer have one successor."""
+    os.makedirs(path, exist_ok=True)
+    example = {"context": ["Hi there!", "Hello, how are you?"], "response": "Fine, thanks."}
+    lines = [rate.rating_prompt(example, a, d, s) for a, d in data.AXES.items() for s in rate.STRATEGIES.values()]
+    lines += [SMOKE_ANSWER.format(k) for k in range(1, 6)] * 4
+    with open(os.path.join(path, "text.txt"), "w") as f:  # the prompts' words and the conversations'
+        f.write("\n".join(lines) + "\n" + open(text_path).read())
+    tok_file = _spm(os.path.join(path, "text.txt"), os.path.join(path, "sp"), 1000,
+                    user_defined_symbols=["Score:", "Explanation:"])
+    tok = data.Tokenizer(tok_file)
+    answers = [tok.continuation(SMOKE_ANSWER.format(k)) for k in range(1, 6)]  # no leading '▁'
+    successors = {}
+    for ids in answers:
+        for a, b in zip(ids, ids[1:] + [tok.eos_id]):
+            successors.setdefault(a, set()).add(b)
+    branching = [a for a, b in successors.items() if len(b) > 1]
+    if len(branching) != 1 or len(successors[branching[0]]) != 5:
+        raise StudyError(f"smoke rater: the answer's pieces {[tok.piece(i) for i in answers[0]]} do not form a chain")
+    cfg = Config(name="smoke-rater", arch="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64,
+                 n_layers=1, n_heads=4, n_kv_heads=4, max_position_embeddings=2048, torch_dtype="float32",
+                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    chain = sorted(successors)
+    if len(chain) + 1 > cfg.hidden_size:
+        raise StudyError(f"smoke rater: {len(chain)} answer pieces do not fit in {cfg.hidden_size} dimensions")
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.zero_()  # zero projections: each block adds nothing
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight  # (V, D) each
+        emb[:, 0] = 1.0                       # dimension 0: "not in the answer"
+        head[answers[0][0], 0] = gain         # ... is followed by the answer's first piece
+        for k, a in enumerate(chain, 1):      # dimension k: piece a of the answer
+            emb[a] = 0.0
+            emb[a, k] = 1.0
+            for b in successors[a]:
+                head[b, k] = gain             # RMSNorm scales a one-hot to sqrt(64): logit 16, others 0
+    save_model(model, path)
+    shutil.copyfile(tok_file, os.path.join(path, "tokenizer.model"))
+    return path
+
+
+def build_smoke_student(path, text_path, seed=0):
+    """A tiny random Mistral-shaped student and a SentencePiece tokenizer trained on both corpora."""
+    os.makedirs(path, exist_ok=True)
+    tok_file = data.train_tokenizer(text_path, os.path.join(path, "sp"), vocab_size=1000)
+    tok = data.Tokenizer(tok_file)
+    torch.manual_seed(seed)
+    cfg = replace(Config.from_name("tiny"), name="smoke-student", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_model(Transformer(cfg), path)
+    shutil.copyfile(tok_file, os.path.join(path, "tokenizer.model"))
+    return path
+
+
+def _texts(records):
+    for r in records:
+        yield from ([r["context"]] if isinstance(r["context"], str) else r["context"])
+        yield r["response"]
+        if r.get("explanation"):
+            yield r["explanation"]
+
+
+# ----------------------------------------------------------------------------- the study
+
+class Study:
+    """One study: its size, folders and log; each stage is a method, run in STAGES order by run()."""
+
+    def __init__(self, size, out, results, labels=None, rater=None, student=None):
+        self.size = replace(size, rater=rater or size.rater, student=student or size.student)
+        self.out, self.results, self.labels = out, results, labels
+        self.plan_text, self.est = describe(self.size, labels)
+        self.done_stages = set()
+        self.p = {k: os.path.join(out, v) for k, v in {
+            "settings": "settings.json", "log": "study.log.jsonl", "conversations": "conversations.jsonl",
+            "demo": "demo", "models": "models", "models.json": "models.json", "raw": "raw.jsonl",
+            "chitchat": "chitchat-train.jsonl", "report": "aggregation.txt", "labels": "labels.json",
+            "study": "study.json"}.items()}
+
+    # -- bookkeeping
+    def settings(self):
+        s = {"size": asdict(self.size), "labels": self.labels}
+        if self.labels:
+            with open(self.labels, "rb") as f:
+                s["labels_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        return json.loads(json.dumps(s))  # tuples as lists, as read back
+
+    def left(self, stage, stage_left):
+        """Seconds left: this stage's, then the planned ones of the stages after it."""
+        later = [self.est[s] for s in STAGES[STAGES.index(stage) + 1:] if s not in self.done_stages]
+        return None if stage_left is None or None in later else stage_left + sum(later)
+
+    def stage(self, stage, what, done):
+        k = STAGES.index(stage) + 1
+        if done:
+            self.done_stages.add(stage)
+            self.log(stage, "skip", what)
+            print(f"[{k}/{len(STAGES)} {stage}] done, skipped ({what})")
+            return False
+        self.log(stage, "start", what)
+        print(f"[{k}/{len(STAGES)} {stage}] {what}: ~{_clock(self.est[stage])} for this stage, "
+                   f"~{_clock(self.left(stage, self.est[stage]))} left in the study")
+        return True
+
+    def finish(self, stage, what=""):
+        self.log(stage, "done", what)
+        self.done_stages.add(stage)
+
+    def units(self, stage, todo, label, share=1.0, rest=0.0):
+        """Yield each unit of todo, printing a progress line with the time left: planned at first, then
+        measured on the units done. share, rest: the parts of the stage's planned time that these
+        units take and that the work after them takes."""
+        t0, n, est = time.time(), len(todo), self.est[stage]
+        per = est * share / n if est is not None and n else None
+        after = est * rest if est is not None else None
+        for i, unit in enumerate(todo):
+            if i:
+                per = (time.time() - t0) / i
+            left = per * (n - i) + after if per is not None and after is not None else None
+            print(f"[{STAGES.index(stage) + 1}/{len(STAGES)} {stage}] {i + 1}/{n} {label(unit)}: "
+                       f"~{_clock(left)} left in this stage, ~{_clock(self.left(stage, left))} in the study")
+            yield unit
+            self.log(stage, "unit", label(unit))
+
+    # -- the run
+    def run(self):
+        os.makedirs(self.out, exist_ok=True)
+        mine = self.settings()
+        if os.path.exists(self.p["settings"]):
+            with open(self.p["settings"]) as f:
+                theirs = json.load(f)
+            if theirs != mine:
+                raise StudyError(f"{self.out} holds a study started with other settings "
+                                 f"({self.p['settings']}); give another --out")
+        else:
+            write_json(mine, self.p["settings"])
+        self.log = Log(self.p["log"])
+        print(self.plan_text)
+        t0 = time.time()
+        self.conversations()
+        self.corpus()
+        self.models()
+        self.ratings()
+        self.training()
+        self.report()
+        print(f"study '{self.size.name}' complete in {_clock(time.time() - t0)} this time; "
+                   f"results in {self.results}")
+
+    def conversations(self):
+        path = self.p["conversations"]
+        if not self.stage("conversations", f"--labels {self.labels}" if self.labels else path,
+                          self.labels or os.path.exists(path)):
+            return
+        records, problems = data.import_conversations("chitchat", [], n=self.size.conversations, seed=self.size.seed)
+        if not records:
+            raise StudyError("no chit-chat conversations (pip install chitchat-dataset)")
+        _replace_file(lambda tmp: data.write_jsonl(records, tmp), path)
+        print(f"  {len(records)} conversations -> {path} ({len(problems)} entries of the package skipped: "
+                   "conversations of a single turn cannot be cut into context and response)")
+        self.finish("conversations", f"{len(records)} conversations")
+
+    def corpus(self):
+        path = self.p["demo"]
+        if not self.stage("corpus", path, os.path.isdir(path)):
+            return
+        build_dir(path, lambda tmp: data.write_demo(tmp, seed=self.size.seed, n_per_dataset=self.size.demo_per_dataset,
+                                                     n_corpus=max(200, 20 * self.size.demo_per_dataset)))
+        n = sum(1 for _ in open(os.path.join(path, "train.jsonl")))
+        print(f"  demo corpus: {n} labelled records -> {path}/train.jsonl")
+        self.finish("corpus", f"{n} records")
+
+    def models(self):
+        path = self.p["models.json"]
+        if not self.stage("models", path, os.path.exists(path)):
+            with open(path) as f:
+                self.model_paths = json.load(f)
+            return
+        paths = {}
+        for role in ("rater", "student"):
+            name = getattr(self.size, role)
+            if name == "smollm2":
+                paths[role] = smollm2_path()
+            elif name != "smoke":
+                if not os.path.exists(name):
+                    raise StudyError(f"--{role} {name}: no such checkpoint")
+                paths[role] = os.path.abspath(name)
+        if "smoke" in (self.size.rater, self.size.student):
+            def build(tmp):
+                text = os.path.join(tmp, "text.txt")
+                with open(text, "w") as f:  # both corpora's words, so the student's tokenizer knows them
+                    source = self.labels or self.p["conversations"]
+                    kind = "labelled" if self.labels else "conversation"
+                    f.write("\n".join(_texts(data.load_records(source, kind=kind))) + "\n")
+                    f.write(open(os.path.join(self.p["demo"], "corpus.txt")).read())
+                build_smoke_rater(os.path.join(tmp, "smoke-rater"), text, self.size.seed)
+                build_smoke_student(os.path.join(tmp, "smoke-student"), text, self.size.seed)
+            build_dir(self.p["models"], build)
+            for role in ("rater", "student"):
+                if getattr(self.size, role) == "smoke":
+                    paths[role] = os.path.abspath(os.path.join(self.p["models"], "smoke-" + role))
+        write_json(paths, path)
+        self.model_paths = paths
+        print("  " + ", ".join(f"{k} {v}" for k, v in paths.items()))
+        self.finish("models")
+
+    def ratings(self):
+        final = self.p["chitchat"]
+        if self.labels:
+            if not os.path.exists(final):
+                data.load_records(self.labels, need_explanation=True)  # a bad file fails here, naming the record
+                copy_file(self.labels, final)
+            self.stage("ratings", f"--labels {self.labels}", True)
+            return
+        if not self.stage("ratings", final, os.path.exists(final)):
+            return
+        s, rater = self.size, self.model_paths["rater"]
+        gen = ["--batch-size", str(s.rate_batch), "--max-prompt-tokens", str(s.rate_prompt_tokens), "--seed", str(s.seed)]
+        _cli(rate.main, ["--raters", rater, "--input", self.p["conversations"], "--out", self.p["raw"],
+                         "--axes", ",".join(data.AXES), "--prompts", ",".join(rate.STRATEGIES),
+                         "--samples", str(s.samples), "--temperature", str(s.temperature),
+                         "--max-new-tokens", str(s.rate_new_tokens), *gen], "rate.py")
+        self.log("ratings", "unit", "rated")
+        _cli(rate.main, ["summarize", "--model", rater, "--input", self.p["raw"],
+                         "--max-new-tokens", str(s.summary_new_tokens), *gen], "rate.py summarize")
+        self.log("ratings", "unit", "summarised")
+        records, rep = data.aggregate(data.load_records(self.p["raw"], kind="raw"), method="mean")
+        if not records:
+            raise StudyError(f"{self.p['raw']}: no item has a valid rating; nothing to train on")
+        dist, warnings = label_distribution(records)
+        if rep["failed"] > rep["valid"]:
+            warnings.append(f"WARNING: most ratings failed to parse ({rep['failed']} of {rep['valid'] + rep['failed']}): "
+                            "the rater does not answer in the 'Score: N / Explanation: ...' format")
+        text = data.format_report(rep) + "\n\n" + format_distribution(dist) + "".join(f"\n{w}" for w in warnings)
+        write_text(text + "\n", self.p["report"])
+        write_json({"distribution": dist, "warnings": warnings}, self.p["labels"])
+        _replace_file(lambda tmp: data.write_jsonl(records, tmp), final)  # last: it marks the stage done
+        print("  " + text.replace("\n", "\n  "))
+        self.finish("ratings", f"{len(records)} records")
+
+    def corpus_paths(self):
+        return {"chitchat": self.p["chitchat"], "demo": os.path.join(self.p["demo"], "train.jsonl")}
+
+    def run_dir(self, corpus, name):
+        return os.path.join(self.out, corpus, "runs", name)
+
+    def train_config(self, corpus):
+        s = self.size
+        steps = s.steps
+        return train.TrainConfig(
+            model=self.model_paths["student"], data=self.corpus_paths()[corpus], out=os.path.join(self.out, corpus, "runs"),
+            rank=s.rank, alpha=2.0 * s.rank, lr=s.lr, batch_size=s.batch_size, micro_batch=s.micro_batch,
+            steps=steps, epochs=s.epochs, max_len=s.max_len, checkpointing=s.checkpointing, device=s.device,
+            val_every=steps or 10 ** 9, save_every=steps or 100, log_every=steps or 10)
+
+    def training(self):
+        todo = [(c, *r) for c in CORPORA for r in run_names(self.size)
+                if not os.path.exists(os.path.join(self.run_dir(c, r[0]), "done.json"))]
+        n_all = len(CORPORA) * len(run_names(self.size))
+        if not self.stage("training", f"{n_all - len(todo)} of {n_all} runs finished", not todo):
+            return
+        for corpus, name, variant, seed, rw in self.units("training", todo, lambda u: f"{u[0]}/{u[1]}"):
+            cfg = self.train_config(corpus)
+            if rw:  # train.py grid names runs <variant>-s<seed>; the control gets a folder of its own
+                out = self.run_dir(corpus, name)
+                train.run(replace(cfg, variant=variant, seed=seed, out=out, rating_weight=True,
+                                  resume=train.newest_checkpoint(out) is not None))
+            else:
+                train.grid(cfg, [variant], [seed])
+        self.finish("training", f"{len(todo)} runs")
+
+    def report(self):
+        if not self.stage("results", self.p["study"], os.path.exists(self.p["study"])):
+            self.publish()
+            return
+        runs = {c: [self.run_dir(c, name) for name, *_ in run_names(self.size)] for c in CORPORA}
+        todo = [r for c in CORPORA for r in runs[c] if not _json_ok(os.path.join(r, "eval-test", "metrics.json"))]
+        for r in self.units("results", todo, lambda r: f"scoring {os.path.relpath(r, self.out)}",
+                            share=0.4, rest=0.6):
+            shutil.rmtree(os.path.join(r, "eval-test"), ignore_errors=True)  # a scoring cut off by a kill
+            evaluate.score_run(r, split="test")
+        s = self.size
+        jobs = []
+        for c in CORPORA:
+            plain = [self.run_dir(c, f"{v}-s{k}") for k in s.seeds for v in s.variants]
+            rw = [self.run_dir(c, f"{v}+rw-s{k}") for k in s.seeds for v in s.rw_variants]
+            label = [self.run_dir(c, f"label-s{k}") for k in s.seeds] if "label" in s.variants else []
+            jobs += [(c, "compare", plain), (c, "compare-rw", label + rw),
+                     (c, "analysis", plain), (c, "analysis-rw", label + rw)]
+        jobs = [j for j in jobs if j[2] and not os.path.isdir(os.path.join(self.out, j[0], j[1]))]
+        for c, what, rs in self.units("results", jobs, lambda j: f"{j[0]}/{j[1]} ({len(j[2])} runs)", share=0.6):
+            path = os.path.join(self.out, c, what)
+            if what.startswith("compare"):
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    build_dir(path, lambda tmp: evaluate.compare(rs, out=tmp))
+            else:
+                build_dir(path, lambda tmp: analysis.analyse(rs, tmp, split="test", n=s.analysis_n,
+                                                             device=s.device))
+        write_json(self.summary(), self.p["study"])
+        self.finish("results")
+        self.publish()
+
+    def summary(self):
+        n_conv = sum(1 for _ in open(self.p["conversations"])) if os.path.exists(self.p["conversations"]) else None
+        items = {}
+        for c, path in self.corpus_paths().items():
+            recs = data.load_records(path)
+            items[c] = dict(Counter(data.split_of(r["id"]) for r in recs), all=len(recs))
+        seconds = self.log.seconds()
+        return {
+            "settings": self.settings(), "out": os.path.abspath(self.out), "models": self.model_paths,
+            "estimate_s": self.est, "wall_s": {s: round(seconds.get(s, 0.0), 1) for s in STAGES},
+            "wall_total_s": round(sum(seconds.values()), 1), "conversations": n_conv, "items": items,
+            "seeds": list(self.size.seeds), "runs_per_corpus": len(run_names(self.size)),
+            "compare_rw_note": "compare-rw and analysis-rw hold label plus the rating-weighted runs: their "
+                               "'explanation' and 'random' columns are the +rw runs (eval.py groups by variant)",
+            "machine": machine(), "git": _git_head(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        }
+
+    def publish(self):
+        """Copy the small result files into --results/<corpus>/ and print each corpus's comparison."""
+        files = {"compare": ("compare.md", "compare.csv", "compare.json", "reliability.png", "differences.png"),
+                 "analysis": ("summary.csv", "analysis.json", "per_layer.csv", "entropy_by_layer.png")}
+        for c in CORPORA:
+            dst = os.path.join(self.results, c)
+            os.makedirs(dst, exist_ok=True)
+            for what in ("compare", "compare-rw", "analysis", "analysis-rw"):
+                for name in files[what.split("-")[0]]:
+                    src = os.path.join(self.out, c, what, name)
+                    if os.path.exists(src):
+                        stem, ext = os.path.splitext(name)
+                        copy_file(src, os.path.join(dst, f"{stem}{what[len(what.split('-')[0]):]}{ext}"
+                                                    if what.endswith("-rw") else name))
+        for key, name in (("chitchat", "chitchat-train.jsonl"), ("report", "aggregation.txt"),
+                          ("labels", "labels.json"), ("study", "study.json")):
+            if os.path.exists(self.p[key]):
+                copy_file(self.p[key], os.path.join(self.results, name))
+        for c in CORPORA:
+            md = os.path.join(self.out, c, "compare", "compare.md")
+            if os.path.exists(md):
+                print(f"\n===== {c}: variants x seeds ({os.path.join(self.results, c)}) =====\n"
+                           + open(md).read().split("\n## Reliability")[0].rstrip())
+            md = os.path.join(self.out, c, "compare-rw", "compare.md")
+            if os.path.exists(md) and "## Against label-only" in open(md).read():
+                section = open(md).read().split("## Against label-only")[1].split("\n## ")[0]
+                print(f"\n===== {c}: the label-dilution control (rating token weighted; in this table "
+                           f"'explanation' and 'random' are the +rw runs) =====" + section.rstrip())
+        print(f"\nwrote {self.results}/ (compare*, analysis*, study.json)")
+
+
+def _cli(main, argv, what):
+    """Call a module's main(argv); its sys.exit(2) on bad input becomes a StudyError."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise StudyError(f"{what} failed (exit status {e.code}): see its error above") from None
+
+
+def label_distribution(records):
+    """{axis: {label: count}} and a warning for each axis where one label holds > COLLAPSE of the items."""
+    dist, warnings = {}, []
+    for axis in sorted({r["axis"] for r in records}):
+        c = Counter(r["label"] for r in records if r["axis"] == axis)
+        dist[axis] = {str(k): c.get(k, 0) for k in range(1, 6)}
+        label, n = c.most_common(1)[0]
+        if n / sum(c.values()) > COLLAPSE:
+            warnings.append(f"WARNING: the {axis} labels collapse onto one rating: {n} of {sum(c.values())} "
+                            f"items ({n / sum(c.values()):.0%}) are {label}; a classifier that always says {label} "
+                            "scores as well, so accuracy differences on this axis mean little")
+    return dist, warnings
+
+
+def format_distribution(dist):
+    lines = [f"label distribution per axis ({'/'.join(str(k) for k in range(1, 6))}):"]
+    lines += [f"  {axis:18} " + " ".join(f"{c[str(k)]:5}" for k in range(1, 6)) for axis, c in dist.items()]
+    return "\n".join(lines)
+
+
+def machine():
+    m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+         "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+         "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        m["cuda"] = torch.cuda.get_device_name(0)
+    return m
+
+
+def _git_head():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--size", choices=SIZES, help="which preset (see SIZES in study.py)")
+    for name in SIZES:
+        which.add_argument(f"--{name}", dest="size", action="store_const", const=name, help=f"--size {name}")
+    p.add_argument("--out", help="study folder, resumed when rerun (default: runs/study-<size>)")
+    p.add_argument("--results", help="where the small result files go (default: results/<size>)")
+    p.add_argument("--labels", help="labelled chit-chat records (a study's chitchat-train.jsonl): skip stages 1 and 4")
+    p.add_argument("--rater", help="rater checkpoint instead of the size's (a folder or a .gguf)")
+    p.add_argument("--student", help="student checkpoint instead of the size's (a folder or a .gguf)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate, run nothing")
+    a = p.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, through a pipe too
+    if a.dry_run:
+        for name in ([a.size] if a.size else SIZES):
+            print(describe(SIZES[name], a.labels, a.rater, a.student)[0] + "\n")
+        return 0
+    if not a.size:
+        p.error("choose a size: --smoke, --quick, --default or --paper (--dry-run shows each plan)")
+    if a.labels and not os.path.isfile(a.labels):
+        p.error(f"--labels {a.labels}: no such file")
+    study = Study(SIZES[a.size], a.out or os.path.join("runs", f"study-{a.size}"), a.results or
+                  os.path.join("results", a.size), labels=a.labels and os.path.abspath(a.labels),
+                  rater=a.rater, student=a.student)
+    try:
+        study.run()
+    except (StudyError, train.TrainError, ModelError, data.DataError, TokenizerError, lora.AdapterError,
+            evaluate.EvalError, analysis.AnalysisError, rate.RateError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
