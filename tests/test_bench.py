@@ -82,6 +82,17 @@ def test_load_smoke(tmp_path):
     check_targets(result)
 
 
+def test_load_gguf_smoke(tmp_path, smollm2_gguf):
+    """bench/load.py --gguf: the real SmolLM2 file, one load per side; both sides hold the same weights."""
+    result, stdout = run_bench("load", tmp_path, "--reps", "1", "--gguf")
+    assert result["benchmark"] == "load_gguf" and result["file"] == smollm2_gguf and result["same_weights"]
+    assert result["model_bytes"] == 4 * 134515008 or result["model_bytes"] > 5e8
+    for side in ("ours", "hf"):
+        assert 0 < result["sides"][side]["load_s"] <= result["sides"][side]["ready_s"]
+    assert "from_pretrained(gguf_file=)" in stdout
+    check_targets(result)
+
+
 # ----------------------------------------------------------------------------- bench/gpu.py
 
 GPU_STAGES = ["matmul", "cuda_tests", "train_bf16", "train_nf4", "score", "real_run"]
