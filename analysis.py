@@ -31,7 +31,8 @@ attributions, probing classifiers, per-head results (heads are averaged).
     python analysis.py runs/grid/* --out analysis/               # test split, every example, best/
     python analysis.py runs/demo/label runs/demo/explanation --split val --n 200 --out analysis/demo
 
-Runs are grouped by variant (explanation-first runs apart, as "explanation/explain_first"); the
+Runs are grouped by variant (--rating-weight runs apart, as "explanation+rw"; explanation-first runs
+apart, as "explanation/explain_first"); the
 runs (seeds) of a variant are averaged example by example. Written to --out:
   per_layer.csv   every metric x layer, per run and per variant: mean and bootstrap 95% interval
   summary.csv     the middle third of the layers against the output, and each variant's difference
@@ -200,8 +201,9 @@ def analyse_run(run_dir, split="test", n=None, checkpoint="best", batch_size=8, 
         order += idx
     back = np.argsort(order)  # the batches were length-bucketed: restore the examples' order
     res = {k: np.concatenate([p[k] for p in parts])[back] for k in parts[0]}
-    # runs are grouped by variant; explanation-first runs form groups of their own ("explanation/explain_first")
-    group = cfg["variant"] + ("/explain_first" if cfg["order"] == "explain_first" and cfg["variant"] != "label" else "")
+    # runs are grouped as eval.py compare groups them (variant, '+rw' with --rating-weight); explanation-first
+    # runs form groups of their own ("explanation/explain_first")
+    group = evaluate.run_group(cfg) + ("/explain_first" if cfg["order"] == "explain_first" and cfg["variant"] != "label" else "")
     res.update(ids=[(e.id, e.axis) for e in examples], variant=group, order=cfg["order"])
     return res
 

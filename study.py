@@ -20,7 +20,8 @@ Stages, each skipped when its output is complete (so a killed study continues wh
   5 training       per corpus, train.py grid over every variant x seed, plus the label-dilution
                    control (explanation and random with rating_weight) -> <corpus>/runs/<variant>[+rw]-s<seed>
   6 results        eval.py (each run scored, then compare) and analysis.py per corpus -> <corpus>/compare,
-                   compare-rw, analysis, analysis-rw; the small files copied to --results with study.json
+                   <corpus>/analysis (the +rw runs are columns of their own); the small files copied to
+                   --results with study.json
 Outputs are written under a temporary name and renamed; rate.py and train.py resume by themselves
 (rate.py appends and skips ratings it has, train.py continues from its last checkpoint). Every stage
 start, unit of work and end is appended to study.log.jsonl, the wall times in study.json come from it.
@@ -286,7 +287,7 @@ def estimate(size, labels=None):
             train_s += (student["load_s"] + student["run_s"] + steps * size.batch_size * tokens / student["train_tok_s"]
                         + n["val"] * tokens / student["forward_tok_s"])
         n_runs = len(run_names(size))
-        analysed = n_runs + len(size.seeds)  # label runs are read again beside the rw runs
+        analysed = n_runs
         n_an = min(size.analysis_n or n["test"], n["test"])
         results_s += (n_runs * (student["load_s"] + n["test"] * per_ex / student["forward_tok_s"])
                       + analysed * (student["load_s"] + 2 * n_an * per_ex / student["forward_tok_s"]) + 0.5)
@@ -616,13 +617,8 @@ class Study:
             shutil.rmtree(os.path.join(r, "eval-test"), ignore_errors=True)  # a scoring cut off by a kill
             evaluate.score_run(r, split="test")
         s = self.size
-        jobs = []
-        for c in CORPORA:
-            plain = [self.run_dir(c, f"{v}-s{k}") for k in s.seeds for v in s.variants]
-            rw = [self.run_dir(c, f"{v}+rw-s{k}") for k in s.seeds for v in s.rw_variants]
-            label = [self.run_dir(c, f"label-s{k}") for k in s.seeds] if "label" in s.variants else []
-            jobs += [(c, "compare", plain), (c, "compare-rw", label + rw),
-                     (c, "analysis", plain), (c, "analysis-rw", label + rw)]
+        # eval.py and analysis.py give the rating-weighted runs columns of their own ("explanation+rw")
+        jobs = [(c, what, runs[c]) for c in CORPORA for what in ("compare", "analysis")]
         jobs = [j for j in jobs if j[2] and not os.path.isdir(os.path.join(self.out, j[0], j[1]))]
         for c, what, rs in self.units("results", jobs, lambda j: f"{j[0]}/{j[1]} ({len(j[2])} runs)", share=0.6):
             path = os.path.join(self.out, c, what)
@@ -649,8 +645,6 @@ class Study:
             "estimate_s": self.est, "wall_s": {s: round(seconds.get(s, 0.0), 1) for s in STAGES},
             "wall_total_s": round(sum(seconds.values()), 1), "conversations": n_conv, "items": items,
             "seeds": list(self.size.seeds), "runs_per_corpus": len(run_names(self.size)),
-            "compare_rw_note": "compare-rw and analysis-rw hold label plus the rating-weighted runs: their "
-                               "'explanation' and 'random' columns are the +rw runs (eval.py groups by variant)",
             "machine": machine(), "git": _git_head(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         }
 
@@ -661,13 +655,11 @@ class Study:
         for c in CORPORA:
             dst = os.path.join(self.results, c)
             os.makedirs(dst, exist_ok=True)
-            for what in ("compare", "compare-rw", "analysis", "analysis-rw"):
-                for name in files[what.split("-")[0]]:
+            for what, names in files.items():
+                for name in names:
                     src = os.path.join(self.out, c, what, name)
                     if os.path.exists(src):
-                        stem, ext = os.path.splitext(name)
-                        copy_file(src, os.path.join(dst, f"{stem}{what[len(what.split('-')[0]):]}{ext}"
-                                                    if what.endswith("-rw") else name))
+                        copy_file(src, os.path.join(dst, name))
         for key, name in (("chitchat", "chitchat-train.jsonl"), ("report", "aggregation.txt"),
                           ("labels", "labels.json"), ("study", "study.json")):
             if os.path.exists(self.p[key]):
@@ -675,14 +667,10 @@ class Study:
         for c in CORPORA:
             md = os.path.join(self.out, c, "compare", "compare.md")
             if os.path.exists(md):
-                print(f"\n===== {c}: variants x seeds ({os.path.join(self.results, c)}) =====\n"
-                           + open(md).read().split("\n## Reliability")[0].rstrip())
-            md = os.path.join(self.out, c, "compare-rw", "compare.md")
-            if os.path.exists(md) and "## Against label-only" in open(md).read():
-                section = open(md).read().split("## Against label-only")[1].split("\n## ")[0]
-                print(f"\n===== {c}: the label-dilution control (rating token weighted; in this table "
-                           f"'explanation' and 'random' are the +rw runs) =====" + section.rstrip())
-        print(f"\nwrote {self.results}/ (compare*, analysis*, study.json)")
+                print(f"\n===== {c}: variants x seeds; '+rw': rating token weighted, the label-dilution "
+                      f"control ({os.path.join(self.results, c)}) =====\n"
+                      + open(md).read().split("\n## Reliability")[0].rstrip())
+        print(f"\nwrote {self.results}/ (compare.*, analysis files, study.json)")
 
 
 def _cli(main, argv, what):

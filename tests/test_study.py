@@ -68,8 +68,12 @@ def check_finished(out, results):
     trained = Counter(e["what"] for e in events(out) if e["stage"] == "training" and e["event"] == "unit")
     assert max(trained.values()) == 1
     for corpus in study.CORPORA:
-        for name in ("compare.md", "compare.json", "compare-rw.md", "summary.csv", "analysis.json", "summary-rw.csv"):
+        for name in ("compare.md", "compare.json", "summary.csv", "analysis.json"):
             assert os.path.exists(os.path.join(results, corpus, name)), (corpus, name)
+        with open(os.path.join(results, corpus, "compare.json")) as f:
+            columns = list(json.load(f)["table"]["overall"])
+        assert "explanation+rw" in columns and "random+rw" in columns and columns.index("explanation+rw") == \
+            columns.index("explanation") + 1  # the dilution control beside the variant it controls
     with open(os.path.join(results, "study.json")) as f:
         s = json.load(f)
     assert s["seeds"] == [0, 1] and s["runs_per_corpus"] == N_RUNS // 2 and s["conversations"] == 8
