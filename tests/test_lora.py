@@ -210,8 +210,11 @@ def test_bf16_base_fp32_lora_under_autocast():
     y.float().sum().backward()
     assert layer.lora_A.weight.dtype == layer.lora_A.weight.grad.dtype == torch.float32
     assert layer.base_layer.weight.grad is None
+    seen = []
+    hook = layer.lora_A.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
     y2 = layer(x.to(torch.bfloat16))  # no autocast: the LoRA path runs in fp32, the result is bf16
-    assert y2.dtype == torch.bfloat16
+    hook.remove()
+    assert seen == [(torch.float32, torch.float32)] and y2.dtype == torch.bfloat16
     torch.testing.assert_close(y2.float(), y.float(), atol=0.1, rtol=0.02)
 
 

