@@ -297,6 +297,19 @@ def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kin
     return out
 
 
+def keep(records, axes="", datasets=""):
+    """The records on the comma-separated axes and datasets (empty: all)."""
+    keep_axes, keep_sets = set(filter(None, axes.split(","))), set(filter(None, datasets.split(",")))
+    return [r for r in records if (not keep_axes or r["axis"] in keep_axes) and (not keep_sets or r["dataset"] in keep_sets)]
+
+
+def check_vocab(tok, vocab_size, model_path):
+    """A tokenizer whose ids reach past the model's embedding would index out of range mid-run."""
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but the model {model_path} "
+                        f"only {vocab_size}: they do not belong together")
+
+
 def _open(path, mode="rt"):
     encoding = "utf-8-sig" if "r" in mode else "utf-8"  # a byte-order mark, read, is no part of the text
     if path.endswith(".gz"):
@@ -1052,13 +1065,19 @@ def _given(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 
 
+KINDS = ("labelled", "raw", "conversation")
+
+
 def _kind(path):
-    """What a file holds, from its first record: raw ratings, labelled records or conversations."""
+    """What a file holds, judged from every record (a first line that lacks a field must not decide):
+    raw ratings if any record has 'ratings', labelled if any has 'label', else conversations."""
     if path.endswith(".csv"):
         return "labelled"
-    first = next((r for _, r in _rows(path)), {})
-    return "raw" if isinstance(first, dict) and "ratings" in first else \
-        "labelled" if isinstance(first, dict) and "label" in first else "conversation"
+    keys = set()
+    for _, r in _rows(path):
+        if isinstance(r, dict):
+            keys.update(r)
+    return "raw" if "ratings" in keys else "labelled" if "label" in keys else "conversation"
 
 
 def main(argv=None):
@@ -1070,6 +1089,7 @@ def main(argv=None):
     p = sub.add_parser("validate", parents=[axes], help="check a training, conversation or raw file; list every bad record")
     p.add_argument("file")
     p.add_argument("--need-explanation", action="store_true", help="every record must have an explanation")
+    p.add_argument("--kind", choices=KINDS, help="what the file holds (default: judged from every record)")
     p = sub.add_parser("aggregate", parents=[axes], help="raw ensemble ratings -> one training record per (item, axis)")
     p.add_argument("raw")
     p.add_argument("-o", "--out", required=True)
@@ -1099,25 +1119,32 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.cmd == "validate":
-            bad, kind = [], _kind(args.file)
+            bad, kind = [], args.kind or _kind(args.file)
             try:
                 recs = load_records(args.file, kind=kind, skip_bad=True, skipped=bad,
                                     need_explanation=args.need_explanation, axes=args.axes)
             finally:  # every bad record, one line each, even when none was good
                 print("\n".join(f"error: {b}" for b in bad), file=sys.stderr, end="\n" if bad else "")
             settings = {(r["dataset"], r.get("axis", "-")) for r in recs}
-            print(f"{args.file}: {len(recs)} valid {kind} records, {len(bad)} bad; {len(settings)} (dataset, axis) settings")
-            return 2 if bad else 0
+            print(f"{args.file}: {len(recs)} valid {kind} records, {len(bad)} bad; {len(settings)} (dataset, axis) "
+                  f"settings ({'--kind ' + kind if args.kind else 'kind judged from every record; --kind to set it'})")
+            return 2 if bad or not recs else 0
         if args.cmd == "aggregate":
             golden = args.golden and {(r["id"], r["axis"]): r["label"]
                                       for r in load_records(args.golden, kind="golden", axes=args.axes)}
             records, report = aggregate(load_records(args.raw, kind="raw", axes=args.axes), args.method,
                                         golden=golden, max_spread=args.max_spread)
+            if not records:
+                raise DataError(f"{args.raw}: aggregation left no training record (no item has a valid rating)")
             write_jsonl(records, args.out)
             print(format_report(report) + f"\nwrote {args.out}")
         elif args.cmd == "import":
+            if args.n is not None and args.n < 1:
+                raise DataError(f"--n must be at least 1, got {args.n}")
             records, problems = import_conversations(args.format, args.files, n=args.n, seed=args.seed)
             print("\n".join(f"warning: {m}" for m in problems), file=sys.stderr, end="\n" if problems else "")
+            if not records:
+                raise DataError(f"import {args.format}: no conversation could be read from {', '.join(args.files) or 'the package'}")
             write_jsonl(records, args.out)
             print(f"wrote {len(records)} conversations to {args.out} ({len(problems)} entries skipped, listed above)")
         elif args.cmd == "preview":

@@ -24,7 +24,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -48,6 +50,7 @@ class TrainConfig:
     order: str = "rating_first"       # rating_first | explain_first
     template: str = "auto"            # auto (the checkpoint's chat format, else base) | base | inst | chatml
     axes: str = ""                    # comma-separated axes to train on; empty: all in the data
+    axes_file: str = ""               # descriptions of axes beyond the built-in three (JSON or 'axis: text' lines)
     datasets: str = ""                # comma-separated datasets to train on; empty: all in the data
     full: bool = False                # train every weight, loss on every token (pretraining), no LoRA
     rank: int = 16                    # LoRA rank
@@ -358,18 +361,16 @@ def load_data(cfg, tok):
         ex = data.text_examples(cfg.data, tok, cfg.max_len)
         n_val = max(1, len(ex) // 20)
         return ex[n_val:], ex[:n_val]
-    records = data.load_records(cfg.data, skip_bad=cfg.skip_bad, need_explanation=cfg.variant != "label")
-    keep_axes = set(filter(None, cfg.axes.split(",")))
-    keep_sets = set(filter(None, cfg.datasets.split(",")))
-    records = [r for r in records if (not keep_axes or r["axis"] in keep_axes)
-               and (not keep_sets or r["dataset"] in keep_sets)]
+    axes = cfg.axes_file or None
+    records = data.keep(data.load_records(cfg.data, skip_bad=cfg.skip_bad, need_explanation=cfg.variant != "label",
+                                          axes=axes), cfg.axes, cfg.datasets)
     split = {"train": [], "val": []}
     for r in records:
         split.get(data.split_of(r["id"]), []).append(r)
     if not split["train"]:
         raise TrainError(f"{cfg.data}: no training records left after the split and the axis/dataset filters")
     build = dict(variant=cfg.variant, order=cfg.order, template=cfg.template, max_len=cfg.max_len, seed=cfg.seed,
-                 rating_weight=cfg.rating_weight)
+                 rating_weight=cfg.rating_weight, axes=axes)
     # pseudo-explanations draw on the training explanations only, so val examples use the same pool
     return (data.build_examples(split["train"], tok, **build),
             data.build_examples(split["val"], tok, pool=split["train"], **build) if split["val"] else [])
@@ -410,6 +411,11 @@ def peak_flops(device):
 def check_options(cfg, world):
     if cfg.variant not in data.VARIANTS:
         raise TrainError(f"unknown variant {cfg.variant!r}; variants: {', '.join(data.VARIANTS)}")
+    for name in ("rank", "micro_batch", "batch_size", "lr", "max_len", "epochs", "val_every", "save_every", "log_every"):
+        if not getattr(cfg, name) > 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.steps < 0:
+        raise TrainError(f"--steps must be positive (or 0: as many as --epochs gives), got {cfg.steps}")
     if cfg.batch_size < world:
         raise TrainError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
 
@@ -419,6 +425,7 @@ def build(cfg, device, dtype):
     bad input, done before anything in --out is touched."""
     model_cfg = load_config(cfg.model)
     tok = data.Tokenizer(cfg.model)
+    data.check_vocab(tok, model_cfg.vocab_size, cfg.model)
     train_ex, val_ex = load_data(cfg, tok)
     if cfg.dry_run:  # the plan needs shapes, not weights
         with torch.device("meta"):
@@ -460,7 +467,17 @@ def resume(cfg, model, opt, device, rank, world):
     ckpt = newest_checkpoint(cfg.out) if cfg.resume else None
     if not ckpt:
         return 0, None
-    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    state = None
+    for ckpt in (c for c in (os.path.join(cfg.out, n) for n in ("last", "last.old"))
+                 if os.path.exists(os.path.join(c, "state.pt"))):
+        try:  # a state.pt cut short by a full disk or a dying machine: fall back to last.old
+            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+            break
+        except Exception as e:  # torch raises RuntimeError, EOFError or pickle's errors for a bad file
+            print(f"warning: {ckpt}/state.pt is unreadable ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+    if state is None:
+        raise TrainError(f"{cfg.out}: no readable checkpoint to resume from (last/state.pt is corrupt and there is "
+                         "no good last.old); --overwrite to start again")
     if cfg.full:
         model.load_state_dict(load_model(ckpt, device=device, dtype=torch.float32).state_dict())
     else:
@@ -563,6 +580,7 @@ def run(cfg, loss_hook=None):
     if cfg.dry_run:
         return None
     lock = claim_out(cfg, rank, world)
+    stop = Interrupt(enabled=world == 1)  # Ctrl-C ends the run after the step in progress, with a checkpoint
     try:
         # a distinct dropout stream per rank (the LoRA initialisation above was the same on all)
         if world > 1:
@@ -617,13 +635,16 @@ def run(cfg, loss_hook=None):
                 if world > 1:
                     dist.barrier()
             # checkpoint: what --resume continues from; the first one retires a replaced run
-            if step % cfg.save_every == 0 or step == total:
+            if step % cfg.save_every == 0 or step == total or stop.requested:
                 state = training_state(opt, step, best, device, world)
                 if master:
                     save_checkpoint(cfg.out, "last", model, state, cfg)
                     shutil.rmtree(os.path.join(cfg.out, "replaced"), ignore_errors=True)
                 if world > 1:
                     dist.barrier()
+            if stop.requested:
+                raise TrainError(f"interrupted at step {step} of {total}; saved {cfg.out}/last; "
+                                 "continue with the same command and --resume")
         if master:
             write_atomic(os.path.join(cfg.out, "done.json"),
                          json.dumps({"step": step, **(last_val or {}), "seconds": time.time() - t0}, indent=2))
@@ -633,9 +654,32 @@ def run(cfg, loss_hook=None):
             restore_replaced(cfg.out)
         raise
     finally:
+        stop.close()
         lock.release()
         if world > 1:
             dist.destroy_process_group()
+
+
+class Interrupt:
+    """The first Ctrl-C (SIGINT) is noted and the run stops after the step in progress, with a
+    checkpoint; a second one interrupts at once. Only in one process, on the main thread: with
+    several, torchrun's ranks would not agree on the step."""
+
+    def __init__(self, enabled=True):
+        self.requested, self.old = False, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._note)
+
+    def _note(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            self.old = None
 
 
 def keep_metrics_until(path, step):

@@ -603,3 +603,30 @@ def test_byte_order_mark_is_accepted_and_bad_bytes_name_the_line(tmp_path):
         data.load_records(str(bad))
     with pytest.raises(DataError, match=r"missing.jsonl: no such file"):
         data.load_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_validate_judges_the_kind_from_every_record(tmp_path, capsys):
+    """A first record without 'label' must not make the file a conversation file in which a later
+    'label': 9 passes unchecked; --kind says it outright."""
+    conv = {k: v for k, v in rec().items() if k not in ("label", "explanation", "axis")}
+    path = write(tmp_path / "mixed.jsonl", [conv, rec(id="b", label=9)])
+    assert data.main(["validate", path]) == 2
+    err = capsys.readouterr().err
+    assert "mixed.jsonl:1: field 'axis'" in err and "mixed.jsonl:2: field 'label': must be an integer 1-5, got 9" in err
+    assert data.main(["validate", path, "--kind", "conversation"]) == 0
+    shown = capsys.readouterr().out
+    assert "2 valid conversation records" in shown and "(--kind conversation)" in shown
+
+
+def test_import_and_aggregate_that_produce_nothing_fail(tmp_path, capsys):
+    empty = write(tmp_path / "qa.jsonl", ["{"])
+    out = str(tmp_path / "out.jsonl")
+    assert data.main(["import", "amazonqa", empty, "-o", out]) == 2
+    assert "no conversation could be read" in capsys.readouterr().err and not os.path.exists(out)
+    assert data.main(["import", "amazonqa", empty, "-o", out, "--n", "-1"]) == 2
+    assert "--n must be at least 1, got -1" in capsys.readouterr().err
+    raw = write(tmp_path / "raw.jsonl", [{"id": "r1", "dataset": "d", "context": ["Hi"], "response": "Hello",
+                                          "ratings": [{"rater": "m", "prompt": "scale5", "axis": "naturalness",
+                                                       "scale": 5, "score": None, "error": "no score"}]}])
+    assert data.main(["aggregate", raw, "-o", out]) == 2
+    assert "aggregation left no training record" in capsys.readouterr().err and not os.path.exists(out)

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,3 +381,69 @@ def test_max_len_too_small_for_any_prompt_is_one_line(setup, tmp_path):
     r = subprocess.run(_cli(setup, tmp_path / "run", "--max-len", "8"), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no training example fits in --max-len 8" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes(setup, tmp_path):
+    steps = ["--steps", "30", "--save-every", "100"]
+    subprocess.run(_cli(setup, tmp_path / "whole", *steps), check=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.Popen(_cli(setup, tmp_path / "stopped", *steps), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and sum(1 for _ in open(metrics)) >= 5):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: interrupted at step ") and "--resume" in line
+    step = int(line.split("interrupted at step ")[1].split()[0])
+    assert 5 <= step < 30  # no checkpoint was due before step 100: this one was written for the interrupt
+    assert torch.load(tmp_path / "stopped" / "last" / "state.pt", weights_only=True)["step"] == step
+    subprocess.run(_cli(setup, tmp_path / "stopped", *steps, "--resume"), check=True, capture_output=True, cwd=ROOT)
+    assert_same_adapter(adapter(tmp_path / "whole" / "last"), adapter(tmp_path / "stopped" / "last"), 1e-6)
+
+
+def test_corrupt_state_falls_back_to_last_old_or_says_so(setup, tmp_path):
+    out = tmp_path / "run"
+    _unfinished(setup, out)
+    shutil.copytree(out / "last", out / "last.old")
+    (out / "last" / "state.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    train.run(config(setup, out, steps=6, resume=True))  # resumes from last.old
+    assert json.load(open(out / "done.json"))["step"] == 6
+    out2 = tmp_path / "run2"
+    _unfinished(setup, out2)
+    state = out2 / "last" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    with pytest.raises(train.TrainError, match="no readable checkpoint to resume from"):
+        train.run(config(setup, out2, steps=6, resume=True))
+
+
+@pytest.mark.parametrize("flag,value", [("rank", 0), ("micro_batch", -1), ("lr", 0.0), ("batch_size", 0),
+                                        ("steps", -3)])
+def test_non_positive_options_are_one_line(setup, tmp_path, flag, value):
+    with pytest.raises(train.TrainError, match=f"--{flag.replace('_', '-')} must be positive"):
+        train.run(config(setup, tmp_path / "run", **{flag: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_larger_than_the_model_is_refused(setup, tmp_path):
+    base = tmp_path / "small"
+    shutil.copytree(setup["base"], base)
+    cfg = json.load(open(base / "config.json"))
+    cfg["vocab_size"] = setup["tok"].vocab_size - 10
+    (base / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(data.DataError, match=rf"has {setup['tok'].vocab_size} tokens but the model .* only"):
+        train.run(config(setup, tmp_path / "run", model=str(base)))
+
+
+def test_custom_axis_trains_with_its_descriptions_file(setup, tmp_path):
+    records = [dict(r, axis="politeness") for r in data.load_records(setup["data"])[:60]]
+    path = str(tmp_path / "polite.jsonl")
+    data.write_jsonl(records, path)
+    axes = tmp_path / "axes.txt"
+    axes.write_text("politeness: courteous and respectful\n")
+    with pytest.raises(data.DataError, match="politeness"):
+        train.run(config(setup, tmp_path / "no-axes", data=path, steps=1))
+    train.run(config(setup, tmp_path / "run", data=path, steps=1, axes_file=str(axes)))
+    assert json.load(open(tmp_path / "run" / "train_config.json"))["axes_file"] == str(axes)
