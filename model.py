@@ -81,6 +81,8 @@ class Config:
     def from_hf(cls, d, name="custom"):
         """Read a Hugging Face `config.json` dict, old style (top-level `rope_theta`, `torch_dtype`)
         or new (`rope_parameters`, `dtype`)."""
+        if not isinstance(d, dict):
+            raise ModelError("expected a JSON object")
         archs = d.get("architectures") or []
         arch = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}.get(archs[0] if archs else None)
         if arch is None:
@@ -89,6 +91,9 @@ class Config:
             raise ModelError(f"unsupported architecture {archs[0] if archs else d.get('model_type')!r}: "
                              "only LlamaForCausalLM and MistralForCausalLM decoders are supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ModelError(f"field 'rope_parameters' must be an object, got {rope!r}")
+        _check_fields(d, rope)
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ModelError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
         for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
@@ -119,6 +124,31 @@ class Config:
         if self.arch == "mistral":
             d["sliding_window"] = self.sliding_window
         return d
+
+
+# config.json fields and what each must hold: a positive integer, a positive number, or a boolean
+_POSITIVE_INT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_POSITIVE_INT = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def _check_fields(d, rope):
+    """A wrong type ("64", 2.5, a list) or a size <= 0 is refused here, naming the field, rather than
+    failing later inside torch with a message that names neither the file nor the field."""
+    def positive(key, value, kinds, what):
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            raise ModelError(f"field {key!r} must be {what}, got {value!r}")
+    for key in _POSITIVE_INT:
+        if key in d:
+            positive(key, d[key], int, "a positive integer")
+    for key in _OPTIONAL_POSITIVE_INT:
+        if d.get(key) is not None:
+            positive(key, d[key], int, "a positive integer or null")
+    for key, src in (("rope_theta", d), ("rms_norm_eps", d), ("rope_parameters.rope_theta", rope)):
+        name = key.rsplit(".", 1)[-1]
+        if src.get(name) is not None:
+            positive(key, src[name], (int, float), "a positive number")
+    if not isinstance(d.get("tie_word_embeddings", False), bool):
+        raise ModelError(f"field 'tie_word_embeddings' must be true or false, got {d['tie_word_embeddings']!r}")
 
 
 PRESETS = {
@@ -304,8 +334,15 @@ def _weight_files(path):
                 weight_map = json.load(f)["weight_map"]
         except (ValueError, KeyError) as e:
             raise ModelError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index}: weight_map must be an object of tensor name -> shard file")
         files = {}
         for key, shard in weight_map.items():
+            # a shard is a file inside the folder: no absolute path, no way out through '..'
+            if (not isinstance(shard, str) or os.path.isabs(shard) or not shard
+                    or os.path.normpath(shard).split(os.sep)[0] == os.pardir):
+                raise ModelError(f"{index}: tensor {key!r} is placed in shard {shard!r}, "
+                                 "which is not a file inside the checkpoint folder")
             files.setdefault(os.path.join(path, shard), []).append(key)
         for f in files:
             if not os.path.exists(f):
@@ -335,6 +372,8 @@ def load_config(path):
         return Config.from_hf(d, name=os.path.basename(os.path.normpath(path)))
     except KeyError as e:
         raise ModelError(f"{cfg_path}: missing field {e}") from None
+    except ModelError as e:
+        raise ModelError(f"{cfg_path}: {e}") from None
 
 
 def _is_gguf(path):
@@ -390,11 +429,16 @@ def _gguf_tensors(g):
         raise ModelError(str(e)) from None
 
 
+# load_model(quantize=): None keeps the weights in `dtype`; "nf4" stores every *_proj weight in 4 bits
+# (4.5 bits a weight with its fp32 block scales); "nf4-dq" also stores the scales in 8 bits (4.127 bits)
+QUANTIZE = (None, "nf4", "nf4-dq")
+
+
 def load_model(path, device="cpu", dtype=None, quantize=None):
     """Load a Llama/Mistral model from a Hugging Face-format folder or a llama.cpp .gguf file. The
     model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
-    dequantised on the way), checked, cast (or quantised to NF4), and assigned: the weights are
-    never held twice. dtype defaults to float32 on CPU and bfloat16 elsewhere."""
+    dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
+    weights are never held twice. dtype defaults to float32 on CPU and bfloat16 elsewhere."""
     if _is_gguf(path):
         g, config = _open_gguf(path)
         tensors = _gguf_tensors(g)
@@ -402,8 +446,8 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
         config, tensors = load_config(path), _safetensors_tensors(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
-    if quantize not in (None, "nf4"):
-        raise ModelError(f"unknown quantize={quantize!r}; the only choice is 'nf4'")
+    if quantize not in QUANTIZE:
+        raise ModelError(f"unknown quantize={quantize!r}; choices: {', '.join(q for q in QUANTIZE if q)}")
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -422,7 +466,8 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
         if quantize and key.endswith("_proj.weight"):
             from quant import NF4Linear
             # cast first, then quantise on the target device: the codes match bitsandbytes'
-            layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device)
+            layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device,
+                                          double_quant=quantize == "nf4-dq")
             model.set_submodule(key[: -len(".weight")], layer)
             quantized.add(key)
         else:  # an owned copy: a view would keep the whole shard's pages resident

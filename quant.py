@@ -9,7 +9,7 @@ quant_type="nf4")`) bit for bit on CPU, so `tests/test_quant.py` can compare wit
 What is not: fused CUDA kernels (the weight is dequantised with plain indexing, then a normal matmul),
 FP4, paged optimizers, training of the quantised weight (it is frozen; only the input gets a
 gradient, which is all LoRA needs). Loading a model in 4 bits is `model.load_model(path,
-quantize="nf4")`; `train.py --quantize nf4` uses it.
+quantize="nf4")`, with double-quantised scales `quantize="nf4-dq"`; `train.py --quantize nf4` uses it.
 
     from quant import NF4Linear
     layer = NF4Linear.from_weight(linear.weight, compute_dtype=torch.bfloat16)   # 4.5 bits per weight

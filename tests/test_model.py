@@ -236,3 +236,65 @@ def test_missing_unexpected_and_misshapen_tensors(tmp_path):
     assert "unexpected tensor 'model.layers.0.self_attn.rotary.bias'" in _error(tmp_path)
     save_file({**state, "model.norm.weight": torch.ones(65)}, f)
     assert "'model.norm.weight' has shape (65,), expected (64,)" in _error(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_size", "64"), ("num_hidden_layers", 2.5), ("num_attention_heads", [4]), ("rope_theta", "10000.0"),
+    ("num_attention_heads", 0), ("num_hidden_layers", -1), ("intermediate_size", 0), ("vocab_size", True),
+    ("num_key_value_heads", 0), ("rms_norm_eps", "1e-6"), ("max_position_embeddings", 0),
+    ("head_dim", 15.0), ("tie_word_embeddings", "yes")])
+def test_config_json_with_a_bad_field_is_named(pair, tmp_path, field, value):
+    _, good = pair
+    d = _copy(good, tmp_path / "bad")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = _error(d)
+    assert "config.json" in msg and repr(field) in msg, msg
+    with pytest.raises(M.ModelError, match=field):
+        M.load_config(str(d))
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert "config.json: expected a JSON object" in _error(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors", 7])
+def test_index_shard_outside_the_folder_is_refused(pair, tmp_path, shard):
+    _, good = pair
+    d = _copy(good, tmp_path / "ckpt")
+    index = json.load(open(d / "model.safetensors.index.json"))
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    msg = _error(d)
+    assert "model.safetensors.index.json" in msg and str(shard) in msg and key in msg, msg
+
+
+def test_sliding_window_kv_cache_generation_matches_transformers_and_full_forward(tmp_path):
+    """Mistral with a 4-token window: greedy decoding of 12 tokens from an 8-token prompt with the
+    KV cache equals transformers' greedy generate and a full forward pass per step without a cache."""
+    hf = hf_tiny("mistral", sliding_window=4)
+    hf.save_pretrained(tmp_path)
+    ours = M.load_model(str(tmp_path))
+    assert ours.config.sliding_window == 4
+    prompt = [5, 17, 33, 42, 9, 11, 12, 250]
+    got = M.generate(ours, [prompt], max_new_tokens=12, eos_id=-1)[0]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == ref and len(got) == 12
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):  # no cache: every step recomputes the whole sequence
+            seq.append(ours(torch.tensor([seq]))[0, -1].argmax().item())
+        assert seq[len(prompt):] == got
+        # and the cache's logits at every step equal the full forward's, past the window too
+        full = ours(torch.tensor([seq]))
+        cache = M.KVCache(ours, 1, len(seq))
+        steps = [ours(torch.tensor([seq[:8]]), cache=cache)] + \
+                [ours(torch.tensor([[t]]), cache=cache) for t in seq[8:]]
+        assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+        ours.config.sliding_window = None  # the window matters for this prompt
+        assert (ours(torch.tensor([seq])) - full)[:, 5:].abs().max().item() > 1e-3

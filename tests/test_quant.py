@@ -334,3 +334,21 @@ def test_loading_nf4_grows_memory_by_less_than_the_bf16_weights(tmp_path):
     # what it may hold: 4.5 bits per projection weight, embeddings, one shard's mapped pages, one
     # tensor's temporaries; what it must not: anything near the bf16 weights (109 MB here)
     assert grown < 2 * projections, f"peak grew {grown / 1e6:.0f} MB; bf16 weights are {2 * projections / 1e6:.0f} MB"
+
+
+def test_load_model_nf4_dq_double_quantises_every_layer(tiny_checkpoint):
+    """quantize="nf4-dq": the same 4-bit codes as nf4, the block scales stored in 8 bits, and logits
+    within the scales' 8-bit rounding of nf4's."""
+    nf4 = M.load_model(tiny_checkpoint, dtype="float32", quantize="nf4")
+    dq = M.load_model(tiny_checkpoint, dtype="float32", quantize="nf4-dq")
+    plain = dict(nf4.named_modules())
+    layers = {n: m for n, m in dq.named_modules() if isinstance(m, Q.NF4Linear)}
+    assert len(layers) == 2 * 7 and all(m.double_quant for m in layers.values())
+    for name, m in layers.items():
+        assert "absmax" not in dict(m.named_buffers()) and m.absmax_codes.dtype == torch.uint8
+        assert torch.equal(m.codes, plain[name].codes), name
+        assert (m.get_absmax() - plain[name].absmax).abs().max() < 0.01 * plain[name].absmax.max()
+    with torch.no_grad():
+        a, b = nf4(TOKENS), dq(TOKENS)
+    assert (a - b).abs().max().item() < 0.05 * a.abs().max().item() and not torch.equal(a, b)
+    assert "nf4-dq" in str(pytest.raises(M.ModelError, M.load_model, tiny_checkpoint, quantize="int8").value)
