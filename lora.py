@@ -61,6 +61,8 @@ class LoRALinear(nn.Module):
     `base_layer` is an nn.Linear or any frozen layer with in_features / out_features / forward /
     dequantize() (quant.NF4Linear). The LoRA weights stay fp32 whatever the base dtype; under
     bf16 autocast both paths run in bf16, without autocast the input is cast to fp32 for A and B.
+    There is no switch to turn the update off: no command needs one (the base model alone is
+    load_model without load_adapter).
     """
 
     def __init__(self, base_layer, rank, alpha, dropout=0.0, rslora=False):
@@ -75,15 +77,12 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank = rank
         self.set_scaling(alpha, rslora)
-        self.disabled = False  # True: behave exactly like base_layer
 
     def set_scaling(self, alpha, rslora=False):
         self.scaling = alpha / math.sqrt(self.rank) if rslora else alpha / self.rank
 
     def forward(self, x):
         y = self.base_layer(x)  # (..., out)
-        if self.disabled:
-            return y
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., r) -> (..., out)
@@ -93,13 +92,11 @@ class LoRALinear(nn.Module):
         """W + scaling * B @ A, summed in fp32, in W's dtype; an NF4 base is dequantised first."""
         base = self.base_layer
         w = base.dequantize() if hasattr(base, "dequantize") else base.weight.detach()
-        if self.disabled:
-            return w
         delta = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in) -> (out, in)
         return (w.float() + self.scaling * delta).to(w.dtype)
 
     def extra_repr(self):
-        return f"rank={self.rank}, scaling={self.scaling:g}, disabled={self.disabled}"
+        return f"rank={self.rank}, scaling={self.scaling:g}"
 
 
 def _is_linear(module):
@@ -158,7 +155,7 @@ def merge_lora(model):
 
     The merged weight keeps the base weight's dtype and stays frozen. An NF4 base (one with
     dequantize()) is dequantised and comes back as a plain nn.Linear in its compute dtype, so
-    merging a 4-bit model gives a full-precision one. A disabled layer is unwrapped unchanged.
+    merging a 4-bit model gives a full-precision one.
     """
     for name, layer in lora_layers(model).items():
         bias = getattr(layer.base_layer, "bias", None)

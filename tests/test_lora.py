@@ -193,9 +193,7 @@ def test_lora_linear_basics():
     torch.nn.init.normal_(layer.lora_B.weight)
     expected = base(x) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     torch.testing.assert_close(layer(x), expected)
-    layer.disabled = True
-    torch.testing.assert_close(layer(x), base(x))
-    layer.disabled = False
+    assert not hasattr(layer, "disabled") and "disabled" not in repr(layer)  # no switch that no command uses
     torch.testing.assert_close(torch.nn.functional.linear(x, layer.merged_weight(), base.bias), expected)
 
 
