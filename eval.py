@@ -18,7 +18,7 @@ accuracy difference from label-only over the same test items, and an exact sign 
 Left out: corrections for testing several variants, bootstrap over seeds (an item's correctness is
 first averaged over a variant's seeds), training (train.py).
 
-    python eval.py --run runs/expl-s0 [--split test] [--checkpoint best]
+    python eval.py --run runs/expl-s0 [--split test] [--checkpoint best] [--allow-unfinished]
     python eval.py --model DIR [--adapter DIR] --data FILE [--split all] [--out DIR]  # no adapter: zero-shot
     python eval.py compare runs/grid/* [--out DIR]
 """
@@ -319,10 +319,51 @@ def stale_reason(run, split):
     return None
 
 
+PREDICTION_FIELDS = ("id", "dataset", "axis", "gold", "predicted", "probs")
+
+
+def read_predictions(path):
+    """The rows of a predictions.jsonl; a line that is not a prediction is an EvalError naming the
+    file and the line (blank lines are skipped)."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}: line {n}"
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+            except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                raise EvalError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(r, dict):
+                raise EvalError(f"{where}: expected a JSON object")
+            if missing := [k for k in PREDICTION_FIELDS if k not in r]:
+                raise EvalError(f"{where}: missing field {missing[0]!r}")
+            if r["gold"] not in (1, 2, 3, 4, 5) or r["predicted"] not in (None, 1, 2, 3, 4, 5):
+                raise EvalError(f"{where}: 'gold' and 'predicted' must be ratings 1..5 "
+                                f"(predicted may be null), got {r['gold']!r} and {r['predicted']!r}")
+            if not (isinstance(r["probs"], list) and len(r["probs"]) == 5
+                    and all(isinstance(p, (int, float)) for p in r["probs"])):
+                raise EvalError(f"{where}: 'probs' must be a list of 5 numbers")
+            rows.append(r)
+    if not rows:
+        raise EvalError(f"{path}: no predictions")
+    return rows
+
+
+def _can_score(run, cfg):
+    try:
+        return "model" in cfg and "data" in cfg and bool(run_checkpoint(run))
+    except EvalError:
+        return False
+
+
 def load_grid(runs, split="test"):
-    """{variant: {seed: (run_dir, prediction rows sorted by item)}}. Runs not yet scored, or whose
-    checkpoint changed since they were scored, are scored first. Runs scored on different items (or
-    gold labels) are refused, never mixed."""
+    """{variant: {seed: (run_dir, prediction rows sorted by item)}}. Runs not yet scored, whose
+    checkpoint changed since they were scored, or whose predictions.jsonl is corrupt, are scored
+    first (a corrupt file with no checkpoint to score again from is an error naming its line). Runs
+    scored on different items (or gold labels) are refused, never mixed."""
     grid, ref = {}, None
     for run in runs:
         cfg = read_run_config(run)
@@ -333,8 +374,15 @@ def load_grid(runs, split="test"):
         elif reason := stale_reason(run, split):
             print(f"rescoring {run} on the {split} split: {reason}")
             score_run(run, split)
-        with open(path) as f:
-            rows = sorted((json.loads(line) for line in f), key=lambda r: (r["dataset"], r["id"], r["axis"]))
+        try:
+            rows = read_predictions(path)
+        except EvalError as e:
+            if not _can_score(run, cfg):
+                raise EvalError(f"{e}; {run} has no checkpoint to score it again from") from None
+            print(f"rescoring {run} on the {split} split: {e}")
+            score_run(run, split)
+            rows = read_predictions(path)
+        rows = sorted(rows, key=lambda r: (r["dataset"], r["id"], r["axis"]))
         items = [(r["dataset"], r["id"], r["axis"], r["gold"]) for r in rows]
         if ref is None:
             ref = (run, items)
@@ -554,9 +602,16 @@ def main(argv=None):
         p.add_argument("--out", help="where --model writes predictions.jsonl and metrics.json")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--device", default="auto")
-        p.add_argument("--quantize", default=None, help="nf4: 4-bit base (default: as the run was trained)")
+        p.add_argument("--quantize", default=None,
+                       help="nf4: 4-bit base, nf4-dq: with 8-bit scales (default: as the run was trained)")
+        p.add_argument("--allow-unfinished", action="store_true",
+                       help="with --run: score a run that has no done.json yet (its latest checkpoint)")
         a = p.parse_args(argv)
         if a.run:
+            read_run_config(a.run)
+            if not a.allow_unfinished and not os.path.exists(os.path.join(a.run, "done.json")):
+                raise EvalError(f"{a.run}: the run is unfinished (no done.json); pass --allow-unfinished "
+                                "to score its latest checkpoint anyway")
             m = score_run(a.run, a.split, a.checkpoint, a.batch_size, a.device, a.quantize)
             out = os.path.join(a.run, f"eval-{a.split}")
         elif a.model and a.data:

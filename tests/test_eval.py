@@ -365,3 +365,60 @@ def test_compare_rescores_predictions_of_a_changed_checkpoint(demo, tmp_path, ca
     assert "rescoring" in capsys.readouterr().out
     second = json.load(open(os.path.join(run, "eval-test", "metrics.json")))
     assert second["checkpoint_sha256"] != first["checkpoint_sha256"] and ev.stale_reason(run, "test") is None
+
+
+def _corrupt(path, line_no, text):
+    lines = read(path).splitlines()
+    lines[line_no - 1] = text
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("bad,why", [("{not json", "not valid JSON"),
+                                     (json.dumps({"id": "x", "dataset": "coqa", "axis": "on_topic", "gold": 2,
+                                                  "predicted": 2}), "missing field 'probs'"),
+                                     (json.dumps([1, 2]), "expected a JSON object"),
+                                     (json.dumps({"id": "x", "dataset": "coqa", "axis": "on_topic", "gold": 7,
+                                                  "predicted": 2, "probs": [0.2] * 5}), "'gold'")])
+def test_compare_names_the_file_and_line_of_a_corrupt_prediction(grid, tmp_path, capsys, bad, why):
+    """Without a checkpoint to score it again from, a corrupt predictions.jsonl is refused in one line
+    that names the file and the line."""
+    _, runs = grid
+    path = os.path.join(runs[1], "eval-test", "predictions.jsonl")
+    _corrupt(path, 3, bad)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["compare", *runs, "--out", str(tmp_path / "cmp")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{path}: line 3: " in err and why in err and "no checkpoint" in err
+
+
+def test_compare_rescores_a_corrupt_prediction_file_from_the_checkpoint(demo, tmp_path, capsys):
+    tok = data.Tokenizer(demo["tokenizer"])
+    run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])
+    ev.score_run(run)
+    path = os.path.join(run, "eval-test", "predictions.jsonl")
+    good = read(path)
+    _corrupt(path, 2, '{"id": "truncated', )
+    grid = ev.load_grid([run])
+    out = capsys.readouterr().out
+    assert f"rescoring {run}" in out and f"{path}: line 2: not valid JSON" in out
+    assert read(path) == good and len(grid["explanation"][0][1]) == len(good.splitlines())
+
+
+def test_eval_run_refuses_an_unfinished_run(demo, tmp_path, capsys):
+    tok = data.Tokenizer(demo["tokenizer"])
+    run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])   # no done.json
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--run", run])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "done.json" in err and "--allow-unfinished" in err
+    assert not os.path.exists(os.path.join(run, "eval-test"))
+    ev.main(["--run", run, "--allow-unfinished"])
+    assert os.path.exists(os.path.join(run, "eval-test", "predictions.jsonl"))
+    with open(os.path.join(run, "done.json"), "w") as f:
+        json.dump({"step": 2}, f)
+    ev.main(["--run", run])
+    assert "wrote" in capsys.readouterr().out
