@@ -9,12 +9,12 @@ changed), at the decision position (the position whose logits give the rating):
     act_entropy          entropy of p_i = h_i^2 / sum_j h_j^2 over the hidden dimensions (nats):
                          log(d) when every dimension carries the same energy, 0 when one carries all
     act_entropy_norm     the same divided by log(d), in [0, 1]
-    act_entropy_norm_response  act_entropy_norm averaged over the response's tokens (when data.py
-                         gives each example a response_span)
     lens_entropy         logit lens: final norm + LM head on that layer's state; entropy over the vocabulary
     lens_rating_entropy  ... entropy of the five-way rating distribution (the five rating logits, softmaxed)
     lens_gold_prob       ... the gold rating's probability in that five-way distribution
     attn_entropy         entropy of the decision position's attention over the keys, mean over heads
+    attn_entropy_norm    the same divided by log(n), n the keys that position sees (its position + 1,
+                         at most the sliding window), in [0, 1]; 0 when it sees one key
   at the output
     top_prob, rating_entropy, gold_prob   of the five-way distribution; correct (argmax == gold)
     rating_mass          the share of the full-vocabulary probability that falls on the five rating tokens
@@ -32,13 +32,22 @@ attributions, probing classifiers, per-head results (heads are averaged).
     python analysis.py runs/demo/label runs/demo/explanation --split val --n 200 --out analysis/demo
 
 Runs are grouped by variant (--rating-weight runs apart, as "explanation+rw"; explanation-first runs
-apart, as "explanation/explain_first"); the
-runs (seeds) of a variant are averaged example by example. Written to --out:
+apart, as "explanation/explain_first"); the runs (seeds) of a variant are averaged example by example.
+Runs whose base models differ in depth are refused before anything is loaded. Written to --out:
   per_layer.csv   every metric x layer, per run and per variant: mean and bootstrap 95% interval
   summary.csv     the middle third of the layers against the output, and each variant's difference
                   from `label` on the same examples, with a paired bootstrap interval
   analysis.json   all of the above, plus the settings
   entropy_by_layer.png   with matplotlib installed: four panels, one line per variant
+
+Differences from `label` are reported for rating-first groups only. Their decision position is the
+last prompt token, the same position in the same prompt for every variant, so a difference there is
+the training's. An explanation-first group's decision position comes after the explanation: many
+more keys, and the run's own explanation (or pseudo-explanation) among them, so every quantity there
+differs from label's for reasons other than training. Dividing attention entropy by log(keys) does
+not remove that: it fixes only the ceiling, and attention spread over a fixed k keys still reads
+log k / log n, falling as n grows. So those groups get their levels (attn_entropy_norm beside the raw
+one) but no `minus_label`; analysis.json says why in `minus_label_omitted`.
 """
 import argparse
 import contextlib
@@ -54,10 +63,10 @@ import torch
 import data
 import eval as evaluate
 import lora
-from model import ModelError, apply_rope
+from model import ModelError, apply_rope, load_config
 
-LAYER_METRICS = ("act_entropy", "act_entropy_norm", "act_entropy_norm_response", "lens_entropy",
-                 "lens_rating_entropy", "lens_gold_prob", "attn_entropy")
+LAYER_METRICS = ("act_entropy", "act_entropy_norm", "lens_entropy", "lens_rating_entropy", "lens_gold_prob",
+                 "attn_entropy", "attn_entropy_norm")
 OUTPUT_METRICS = ("top_prob", "rating_entropy", "gold_prob", "correct", "rating_mass")
 N_BOOT = 1000  # bootstrap resamples for every interval
 
@@ -88,6 +97,7 @@ def decision_attention(attn, x, cos, sin, mask, pos):
     cos/sin (B, 1, T, hd) the rotary tables, mask None (causal) or bool (B, 1, T, S), pos (B,).
     Returns (B, n_heads, T) in fp32."""
     B, T, _ = x.shape
+    allowed = visible_keys(mask, pos, T)                                               # (B, T)
     rows = torch.arange(B, device=x.device)
     q = attn.q_proj(x[rows, pos]).view(B, attn.n_heads, 1, attn.head_dim)             # (B, H, 1, hd)
     q = apply_rope(q, cos[rows, :, pos][:, :, None], sin[rows, :, pos][:, :, None])     # tables (B, 1, 1, hd)
@@ -95,31 +105,34 @@ def decision_attention(attn, x, cos, sin, mask, pos):
     k = apply_rope(k, cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)                    # (B, H, T, hd)
     scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) / math.sqrt(attn.head_dim)  # (B, H, T)
-    if mask is None:
-        allowed = torch.arange(T, device=x.device)[None, :] <= pos[:, None]            # (B, T) causal
-    else:
-        allowed = mask.expand(B, -1, -1, -1)[rows, 0, pos]                               # (B, T)
     return torch.softmax(scores.masked_fill(~allowed[:, None, :], float("-inf")), dim=-1)
 
 
+def visible_keys(mask, pos, T):
+    """Which of the T keys the query at `pos` (B,) may attend to: (B, T) bool, from the model's mask
+    (None: causal; bool (B or 1, 1, T, S): causal, sliding window, padding)."""
+    if mask is None:
+        return torch.arange(T, device=pos.device)[None, :] <= pos[:, None]            # (B, T) causal
+    rows = torch.arange(len(pos), device=pos.device)
+    return mask.expand(len(pos), -1, -1, -1)[rows, 0, pos]                             # (B, T)
+
+
 @contextlib.contextmanager
-def capture(model, decision_pos, spans=None):
+def capture(model, decision_pos):
     """Forward hooks that record, for each block, the residual stream at `decision_pos` (B,) in
     `hidden` (a list of (B, D)), the decision query's attention probabilities in `attn` (a list of
-    (B, H, T)), and, with spans ((start, end) per row), the per-token activation entropy averaged
-    over each span in `span_entropy` (a list of (B,)). The hooks are removed on exit."""
-    rec = {"hidden": [], "attn": [], "span_entropy": []}
+    (B, H, T)), and how many keys that query sees in `n_keys` (B,) (the same in every layer). The
+    hooks are removed on exit."""
+    rec = {"hidden": [], "attn": [], "n_keys": None}
     rows = torch.arange(len(decision_pos), device=decision_pos.device)
 
     def on_block(module, args, out):                                                   # out (B, T, D)
         rec["hidden"].append(out[rows, decision_pos])
-        if spans is not None:
-            ent = activation_entropy(out) / math.log(out.shape[-1])                     # (B, T)
-            rec["span_entropy"].append(torch.stack([ent[b, s:e].mean() for b, (s, e) in enumerate(spans)]))
 
     def on_attn(module, args, out):  # args: x, cos, sin, mask, cache, layer (see model.Block)
         x, cos, sin, mask = args[:4]
         rec["attn"].append(decision_attention(module, x, cos, sin, mask, decision_pos))
+        rec["n_keys"] = visible_keys(mask, decision_pos, x.shape[1]).sum(-1)
 
     handles = []
     try:
@@ -133,12 +146,12 @@ def capture(model, decision_pos, spans=None):
 
 
 @torch.no_grad()
-def measure_batch(model, batch, rating_ids, spans=None):
+def measure_batch(model, batch, rating_ids):
     """Every per-layer and output measure for one collated batch: {metric: (B, n_layers) or (B,)}."""
     model.eval()
     pos, gold = batch["decision_pos"], batch["label"] - 1                              # gold in 0..4
     rating_ids = torch.as_tensor(rating_ids, device=pos.device)
-    with capture(model, pos, spans) as rec:
+    with capture(model, pos) as rec:
         final = model(batch["input_ids"], logits_at=pos).float()                       # (B, V)
     h = torch.stack(rec["hidden"], 1)                                                  # (B, L, D)
     lens = model.lm_head(model.model.norm(h)).float()                                 # (B, L, V)
@@ -150,10 +163,10 @@ def measure_batch(model, batch, rating_ids, spans=None):
         "lens_entropy": softmax_entropy(lens),
         "lens_rating_entropy": softmax_entropy(lens[..., rating_ids]),
         "lens_gold_prob": torch.softmax(lens[..., rating_ids], -1)[rows, :, gold],   # (B, L)
-        "attn_entropy": -torch.xlogy(attn, attn).sum(-1).mean(-1),
+        "attn_entropy": -torch.xlogy(attn, attn).sum(-1).mean(-1),                    # (B, L)
     }
-    if spans is not None:
-        out["act_entropy_norm_response"] = torch.stack(rec["span_entropy"], 1)
+    log_n = rec["n_keys"].double().log()[:, None]                                      # (B, 1)
+    out["attn_entropy_norm"] = torch.where(log_n > 0, out["attn_entropy"] / log_n.clamp_min(1e-30), 0.0)
     p5 = torch.softmax(final[:, rating_ids], -1)                                        # (B, 5)
     out.update(top_prob=p5.max(-1).values, rating_entropy=softmax_entropy(final[:, rating_ids]),
                gold_prob=p5[rows, gold],
@@ -196,8 +209,7 @@ def analyse_run(run_dir, split="test", n=None, checkpoint="best", batch_size=8, 
     parts, order = [], []
     for idx in data.batch_indices(examples, batch_size, seed=0, epoch=0):
         batch = {k: v.to(device) for k, v in data.collate([examples[i] for i in idx], tok.pad_id).items()}
-        spans = [examples[i].response_span for i in idx] if hasattr(examples[0], "response_span") else None
-        parts.append(measure_batch(model, batch, rating_ids, spans))
+        parts.append(measure_batch(model, batch, rating_ids))
         order += idx
     back = np.argsort(order)  # the batches were length-bucketed: restore the examples' order
     res = {k: np.concatenate([p[k] for p in parts])[back] for k in parts[0]}
@@ -275,8 +287,25 @@ def paired_difference(res, base):
 
 # ----------------------------------------------------------------------------- reports
 
+def check_same_depth(runs):
+    """Per-layer curves and middle thirds only line up between models of one depth: refuse runs whose
+    base models (train_config.json "model", read with model.load_config) differ in layer count,
+    before anything is loaded or run."""
+    depth = {}
+    for run in runs:
+        cfg = evaluate.read_run_config(run)
+        if "model" not in cfg:
+            raise AnalysisError(f"{os.path.join(run, 'train_config.json')}: no 'model' (the base checkpoint)")
+        depth[run] = load_config(cfg["model"]).n_layers
+        first = runs[0]
+        if depth[run] != depth[first]:
+            raise AnalysisError(f"{first} has {depth[first]} layers but {run} has {depth[run]}: per-layer "
+                                "results of models of different depths do not line up; analyse them separately")
+
+
 def analyse(runs, out, split="test", n=None, checkpoint="best", batch_size=8, device="auto"):
     """Analyse every run, group by variant, write the CSV / JSON (/ PNG) files; returns the JSON dict."""
+    check_same_depth(runs)
     results = {}
     for run in runs:
         name = os.path.normpath(run)
@@ -291,7 +320,13 @@ def analyse(runs, out, split="test", n=None, checkpoint="best", batch_size=8, de
               "runs": {name: {"variant": r["variant"], "order": r["order"], **describe(r)} for name, r in results.items()},
               "variants": {v: {"runs": len(by_variant[v]), **describe(p)} for v, p in pooled.items()}}
     for v, p in pooled.items():
-        if "label" in pooled and v != "label":
+        if "label" not in pooled or v == "label":
+            continue
+        if any(r["order"] == "explain_first" for r in by_variant[v]):  # see the docstring
+            report["variants"][v]["minus_label_omitted"] = (
+                "explanation-first: the decision position follows the explanation, not the prompt as in "
+                "label, so no quantity there is paired with label's (attn_entropy_norm included)")
+        else:
             report["variants"][v]["minus_label"] = paired_difference(p, pooled["label"])
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "analysis.json"), "w") as f:
@@ -344,7 +379,7 @@ def plot(report, out):
     except ImportError:
         print("(matplotlib is not installed: no plot; the numbers are in per_layer.csv)")
         return None
-    panels = [("act_entropy_norm", "activation entropy / log d"), ("attn_entropy", "attention entropy (nats)"),
+    panels = [("act_entropy_norm", "activation entropy / log d"), ("attn_entropy_norm", "attention entropy / log keys"),
               ("lens_entropy", "logit lens: vocabulary entropy (nats)"),
               ("lens_rating_entropy", "logit lens: rating entropy (nats)")]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
@@ -369,6 +404,7 @@ def plot(report, out):
 
 def print_summary(report):
     keys = [("middle_third", "act_entropy_norm", "mid act H/log d"), ("middle_third", "attn_entropy", "mid attn H"),
+            ("middle_third", "attn_entropy_norm", "mid attn H/log n"),
             ("output", "top_prob", "top p"), ("output", "rating_entropy", "out H5"),
             ("output", "rating_mass", "rating mass"), ("output", "correct", "accuracy")]
     width = max(map(len, report["variants"])) + 2

@@ -111,13 +111,23 @@ def test_attention_matches_transformers_eager(tmp_path, window):
         assert (rec["attn"][0][0, :, : 11 - window + 1] == 0).all()
 
 
+def test_attention_entropy_is_normalised_by_the_keys_in_the_window(tmp_path):
+    ours, _ = tiny_pair(tmp_path, sliding_window=5)
+    x = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": x, "decision_pos": torch.tensor([11, 0, 3]), "label": torch.tensor([1, 2, 3])}
+    m = A.measure_batch(ours, batch, [10, 11, 12, 13, 14])
+    keys = np.array([[5], [1], [4]])  # min(position + 1, window)
+    assert np.allclose(m["attn_entropy_norm"][[0, 2]], (m["attn_entropy"] / np.log(keys.clip(2)))[[0, 2]])
+    assert (m["attn_entropy_norm"][1] == 0).all() and (m["attn_entropy"][1] == 0).all()  # one key
+    assert (m["attn_entropy_norm"] <= 1 + 1e-6).all()
+
+
 def test_measure_batch_is_consistent_with_the_model(tmp_path):
     ours, hf = tiny_pair(tmp_path)
     x = torch.randint(0, 300, (4, 10), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": x, "decision_pos": torch.tensor([9, 3, 6, 9]), "label": torch.tensor([1, 5, 3, 2])}
     rating_ids = [10, 11, 12, 13, 14]
-    spans = [(2, 9), (0, 3), (4, 5), (1, 10)]
-    m = A.measure_batch(ours, batch, rating_ids, spans)
+    m = A.measure_batch(ours, batch, rating_ids)
     assert m["act_entropy"].shape == (4, 3) and m["top_prob"].shape == (4,)
     p5 = torch.softmax(ours(x, logits_at=batch["decision_pos"]).detach()[:, rating_ids], -1).double().numpy()
     assert np.allclose(m["top_prob"], p5.max(1)) and np.allclose(m["gold_prob"], p5[np.arange(4), [0, 4, 2, 1]])
@@ -125,12 +135,13 @@ def test_measure_batch_is_consistent_with_the_model(tmp_path):
     assert np.allclose(m["lens_gold_prob"][:, -1], m["gold_prob"])
     with torch.no_grad():
         ref = hf(x, output_attentions=True, output_hidden_states=True)
-    for i in range(2):  # the response average: per-token normalised entropy, averaged over the span
-        ent = A.activation_entropy(ref.hidden_states[i + 1]) / math.log(64)
-        assert np.allclose(m["act_entropy_norm_response"][:, i], [ent[b, s:e].mean() for b, (s, e) in enumerate(spans)])
     att = ref.attentions
     want = [-torch.xlogy(a, a).sum(-1).mean(1)[torch.arange(4), batch["decision_pos"]] for a in att]
     assert np.allclose(m["attn_entropy"], torch.stack(want, 1).numpy(), atol=1e-5)
+    # normalised by log(keys seen): the query at position p sees p + 1 keys
+    assert np.allclose(m["attn_entropy_norm"], m["attn_entropy"] / np.log([[10], [4], [7], [10]]))
+    assert "act_entropy_norm_response" not in m  # never computed (data.Example has no response span)
+    assert "act_entropy_norm_response" not in A.__doc__ and "act_entropy_norm_response" not in A.LAYER_METRICS
     assert ((0 < m["rating_mass"]) & (m["rating_mass"] < 1)).all()
 
 
@@ -197,7 +208,12 @@ def test_analysis_of_runs_is_deterministic_and_complete(runs, tmp_path, capsys):
                 for e in A.run_examples(cfg, tok, "test", n=6)]
     by_dir = {os.path.basename(k): v for k, v in first["runs"].items()}
     assert by_dir["label"]["output"]["rating_mass"]["mean"] == pytest.approx(np.mean(mass), rel=1e-6)
-    assert "minus_label" in first["variants"]["explanation/explain_first"]
+    # explanation-first: levels (normalised attention entropy beside the raw one), no difference from label
+    ef = first["variants"]["explanation/explain_first"]
+    assert "minus_label" not in ef and "explanation-first" in ef["minus_label_omitted"]
+    assert {"attn_entropy", "attn_entropy_norm"} <= set(ef["middle_third"])
+    assert "attn_entropy_norm" in first["variants"]["explanation"]["minus_label"]
+    assert 0 < ef["middle_third"]["attn_entropy_norm"]["mean"] <= 1
     rows = (tmp_path / "a" / "per_layer.csv").read_text().splitlines()
     assert rows[0] == "scope,name,variant,layer,metric,mean,lo,hi,n" and len(rows) > 3 * 3 * 6
     assert "middle_third" in (tmp_path / "a" / "summary.csv").read_text()
@@ -225,3 +241,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         A.main(["--help"])
     assert e.value.code == 0
+
+
+def test_runs_of_different_depths_are_refused_before_any_forward_pass(tmp_path, capsys, monkeypatch):
+    runs = []
+    for name, layers in (("two", 2), ("three", 3)):
+        base = tmp_path / f"base-{name}"
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps(M.Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                              n_layers=layers, n_heads=2).to_hf()))
+        run = tmp_path / name
+        run.mkdir()
+        (run / "train_config.json").write_text(json.dumps({"model": str(base), "variant": "label"}))
+        runs.append(str(run))
+    monkeypatch.setattr(A, "analyse_run", lambda *a, **k: pytest.fail("a run was analysed"))
+    with pytest.raises(SystemExit) as e:
+        A.main(runs + ["--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{runs[0]} has 2 layers" in err and f"{runs[1]} has 3" in err
+    assert not (tmp_path / "o").exists()
