@@ -296,10 +296,10 @@ def build_hf_nf4(profile, device):
     on the device (what from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4")) does as it loads; no double quantisation, blocks of 64)."""
     import bitsandbytes as bnb
-    import peft
     import torch
     import lora
     from model import DTYPES
+    from train_step import peft_lora
     dtype = DTYPES[profile.dtype]
     model = common.synthetic_hf(profile.config, device, dtype, 0)
     names = [n for n, m in model.named_modules()
@@ -315,15 +315,7 @@ def build_hf_nf4(profile, device):
     model.is_loaded_in_4bit = True            # what peft reads to wrap Linear4bit with its 4-bit LoRA layer
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=profile.rank, lora_alpha=profile.alpha, lora_dropout=profile.dropout,
-                          target_modules=list(lora.TARGETS), task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, cfg)
-    model.train()
-
-    def loss(batch):
-        return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
-    return model, loss
+    return peft_lora(model, profile, 0)
 
 
 def top_ops(step, device, rows=15):

@@ -106,7 +106,6 @@ def build_ours(profile, device, ckpt, quantize, checkpointing, seed):
 
 
 def build_hf(profile, device, ckpt, quantize, checkpointing, seed):
-    import peft
     import transformers
     dtype = DTYPES[profile.dtype]
     if quantize:
@@ -121,6 +120,12 @@ def build_hf(profile, device, ckpt, quantize, checkpointing, seed):
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft_lora(model, profile, seed)
+
+
+def peft_lora(model, profile, seed):
+    """(PEFT model, loss function): the profile's LoRA on all seven projections of a transformers model."""
+    import peft
     torch.manual_seed(seed)
     cfg = peft.LoraConfig(r=profile.rank, lora_alpha=profile.alpha, lora_dropout=profile.dropout,
                           target_modules=list(lora.TARGETS), task_type="CAUSAL_LM")
