@@ -191,10 +191,10 @@ def load_run(run_dir, checkpoint="best", device="auto"):
 def run_examples(cfg, tok, split="test", n=None):
     """The first n examples of one split, built as the run built its training examples: same
     variant, order, template and length limit (bow draws its words from the training split)."""
-    records = lambda s: evaluate.split_records(cfg["data"], s, cfg["axes"], cfg["datasets"], cfg["skip_bad"])
-    return data.build_examples(records(split)[:n], tok, variant=cfg["variant"], order=cfg["order"],
+    return data.build_examples(evaluate.run_records(cfg, split)[:n], tok, variant=cfg["variant"], order=cfg["order"],
                                template=cfg["template"], max_len=cfg["max_len"], seed=cfg["seed"],
-                               pool=records("train") if cfg["variant"] == "bow" else None)
+                               axes=cfg.get("axes_file") or None,
+                               pool=evaluate.run_records(cfg, "train") if cfg["variant"] == "bow" else None)
 
 
 @torch.no_grad()

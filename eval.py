@@ -195,12 +195,11 @@ def score_examples(model, examples, tok, batch_size=16, device=None, order="rati
     return probs, pred
 
 
-def split_records(path, split="test", axes="", datasets="", skip_bad=False):
-    """The records of one split ("all": every record), kept to the comma-separated axes and datasets."""
-    keep_axes, keep_sets = set(filter(None, axes.split(","))), set(filter(None, datasets.split(",")))
-    records = [r for r in data.load_records(path, skip_bad=skip_bad)
-               if (split == "all" or data.split_of(r["id"]) == split)
-               and (not keep_axes or r["axis"] in keep_axes) and (not keep_sets or r["dataset"] in keep_sets)]
+def split_records(path, split="test", axes="", datasets="", skip_bad=False, axes_file=None):
+    """The records of one split ("all": every record), kept to the comma-separated axes and datasets
+    (axes_file: descriptions of axes beyond the built-in three)."""
+    records = [r for r in data.keep(data.load_records(path, skip_bad=skip_bad, axes=axes_file), axes, datasets)
+               if split == "all" or data.split_of(r["id"]) == split]
     if not records:
         raise EvalError(f"{path}: no records in the {split!r} split (after the axis and dataset filters)")
     return records
@@ -209,10 +208,12 @@ def split_records(path, split="test", axes="", datasets="", skip_bad=False):
 def load_scorer(model_dir, adapter=None, device="auto", quantize=None):
     """(model in eval mode, tokenizer, device): a base checkpoint, with a LoRA adapter when given."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    tok = data.Tokenizer(model_dir)
     model = load_model(model_dir, device=device, quantize=quantize or None)
+    data.check_vocab(tok, model.config.vocab_size, model_dir)
     if adapter:
         lora.load_adapter(model, adapter)
-    return model.eval(), data.Tokenizer(model_dir), device
+    return model.eval(), tok, device
 
 
 def evaluate(model, tok, records, device, batch_size=16, order="rating_first", **build):
@@ -274,6 +275,11 @@ def fingerprint(ckpt):
     return None
 
 
+def run_records(cfg, split):
+    """The records of one split of a run's data, filtered as the run was trained (train_config.json)."""
+    return split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"], cfg.get("axes_file") or None)
+
+
 def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
     """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
     metrics.json (with the checkpoint's fingerprint) into run_dir/eval-<split>/ and return the metrics."""
@@ -283,10 +289,10 @@ def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="a
                         f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
     ckpt = run_checkpoint(run_dir, checkpoint)
     model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize)
-    records = split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"])
+    records = run_records(cfg, split)
     order = cfg["order"] if cfg["variant"] != "label" else "rating_first"  # as data.build_examples trains it
     rows, metrics = evaluate(model, tok, records, device, batch_size, order=order,
-                             template=cfg["template"], max_len=cfg["max_len"])
+                             template=cfg["template"], max_len=cfg["max_len"], axes=cfg.get("axes_file") or None)
     metrics.update(run=run_dir, checkpoint=ckpt, checkpoint_sha256=fingerprint(ckpt), split=split,
                    variant=cfg["variant"], seed=cfg["seed"])
     write_results(os.path.join(run_dir, f"eval-{split}"), rows, metrics)

@@ -74,7 +74,7 @@ class TrainConfig:
     log_every: int = 10               # progress line and metrics row every N steps
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    quantize: str = ""                # "nf4": frozen 4-bit base (QLoRA-style)
+    quantize: str = ""                # "nf4": frozen 4-bit base (QLoRA-style); "nf4-dq": its scales in 8 bits too
     checkpointing: bool = True        # activation checkpointing, one block at a time
     compile: bool = False             # torch.compile the model
     skip_bad: bool = False            # skip (and count) malformed records instead of stopping
@@ -381,7 +381,8 @@ def estimate_memory(model_cfg, n_trainable, cfg, dtype):
     c = model_cfg
     n_base = sum(v for v in (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2),) ) + \
         c.n_layers * (c.hidden_size * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.hidden_size * c.intermediate_size)
-    per = 0.5625 if cfg.quantize == "nf4" else torch.finfo(dtype).bits / 8
+    # bytes per weight: 4-bit codes + an fp32 scale per 64 (nf4), or an 8-bit scale + fp32 per 256 of those (nf4-dq)
+    per = {"nf4": 0.5 + 4 / 64, "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}.get(cfg.quantize, torch.finfo(dtype).bits / 8)
     weights = n_base * per
     trainable = n_trainable * 4 * 4  # fp32 weight, gradient, two Adam moments
     tokens = cfg.micro_batch * cfg.max_len
@@ -450,7 +451,7 @@ def print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dt
     tokens_epoch = sum(len(e.input_ids) for e in train_ex)
     targets_epoch = sum(n_targets(e) for e in train_ex)
     log(f"model      {cfg.model}  {model.config.arch}, {model.n_params() / 1e6:.1f}M parameters, "
-        f"{'NF4 base, ' if cfg.quantize else ''}{dtype} on {device}{f' x {world} processes' if world > 1 else ''}")
+        f"{cfg.quantize.upper() + ' base, ' if cfg.quantize else ''}{dtype} on {device}{f' x {world} processes' if world > 1 else ''}")
     log(f"trainable  {n_trainable:,} ({'all weights' if cfg.full else f'LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}'})")
     log(f"data       {len(train_ex)} train / {len(val_ex)} val examples, {tokens_epoch:,} tokens "
         f"({targets_epoch:,.0f} target) per epoch, " + ("plain text" if cfg.full else f"variant {cfg.variant}, {cfg.order}"

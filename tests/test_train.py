@@ -447,3 +447,18 @@ def test_custom_axis_trains_with_its_descriptions_file(setup, tmp_path):
         train.run(config(setup, tmp_path / "no-axes", data=path, steps=1))
     train.run(config(setup, tmp_path / "run", data=path, steps=1, axes_file=str(axes)))
     assert json.load(open(tmp_path / "run" / "train_config.json"))["axes_file"] == str(axes)
+
+
+def test_custom_axis_run_scores_and_analyses(setup, tmp_path):
+    """eval.py and analysis.py read a custom-axis run with the run's own descriptions file."""
+    import analysis
+    import eval as ev
+    records = [dict(r, axis="politeness") for r in data.load_records(setup["data"])[:80]]
+    path = str(tmp_path / "polite.jsonl")
+    data.write_jsonl(records, path)
+    axes = tmp_path / "axes.txt"
+    axes.write_text("politeness: courteous and respectful\n")
+    train.run(config(setup, tmp_path / "run", data=path, steps=1, axes_file=str(axes)))
+    m = ev.score_run(str(tmp_path / "run"))
+    assert list(m["settings"]) == ["kw/politeness"]
+    assert analysis.analyse([str(tmp_path / "run")], str(tmp_path / "an"), n=2) is not None
