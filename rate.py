@@ -5,22 +5,43 @@ with rated examples, 1-5, 1-5 with examples): 12 scores and 12 explanations per 
 axis, averaged into the label, with the explanations summarised into one by an LLM. This file does
 both model-driven steps with checkpoints on disk:
 
-    python rate.py --raters RATER_DIR [RATER_DIR ...] --input conversations.jsonl \
+    python rate.py --raters RATER_DIR_OR_GGUF [...] --input conversations.jsonl \
         --axes naturalness,comprehensiveness,on_topic --out raw.jsonl
-    python rate.py summarize --model MODEL_DIR --input raw.jsonl --out raw.jsonl
+    python rate.py summarize --model MODEL_DIR_OR_GGUF --input raw.jsonl --out raw.jsonl
     python data.py aggregate raw.jsonl -o train.jsonl
 
 Each rater (a Llama/Mistral instruction checkpoint folder with its tokenizer, or a GGUF file such as
 SmolLM2-135M-Instruct's, loaded one at a time with `model.load_model`) sees the axis rubric in its own
 chat format (ChatML for SmolLM2, `[INST] ... [/INST]` for Mistral/Llama-2 and for checkpoints that
-declare none) and must answer "Score: N" and "Explanation: ...". Answers are parsed strictly: a score off the strategy's
-scale, a missing explanation or a broken format is retried (sampling, seeded) a few times and then
-recorded as a failed rating (`"score": null, "error": ...`), never guessed. Results are appended
-to the raw file batch by batch, so rerunning the same command resumes where a crash left off.
+declare none). Small raters do not follow an answer format: asked for "Score: N / Explanation: ...",
+SmolLM2-135M continues the conversation instead and almost never writes a parsable answer (2 of 8
+in one test, 0 of 12 in another). So the structure is in the prompt, not left to the model, and
+the answer comes in two guided phases of the assistant's turn (with SmolLM2, 240 of 240 ratings of
+20 chitchat conversations x 4 strategies x 3 axes then parse):
 
-Left out: aggregation (`data.py aggregate` averages the scores), any API or remote model, chat
-formats other than ChatML and `[INST]`, and a retry of ratings already recorded as failed (delete their lines
-to redo them). Strategies beyond the four built in come from `--prompts-file`, a JSON object:
+  1. score        the reply is prefilled with "Score:" (and the pieces every number starts with,
+                  'Ġ' for SmolLM2, '▁' for SentencePiece), and one forward pass gives the logits of
+                  the scale's digit tokens there. The score is their argmax (greedy), or a draw from
+                  their softmax at --temperature with a generator seeded per rating (so --samples
+                  are independent and reproducible); "score_prob" is the chosen digit's probability
+                  among the digits at temperature 1. Every score is on the scale by construction.
+  2. explanation  "Score: N\nExplanation: The response" is fed (the opening words, --explanation-start,
+                  keep a small model from starting a numbered list or copying the format's
+                  placeholder) and the rest is generated. Kept: up to a blank line, a line that
+                  starts another part of the prompt ("Score:", "User:", ...) or two sentences,
+                  without a cut-off last fragment. An explanation with no words of its own is
+                  retried (sampling, seeded) a few times and then recorded as a failed rating
+                  (`"score": null, "error": ...`), never guessed.
+
+`rate.py summarize` does the same for the merged explanation ("Explanation: The response" prefilled).
+Results are appended to the raw file batch by batch, so rerunning the same command resumes where a
+crash left off.
+
+Left out: aggregation (`data.py aggregate` averages the scores), any API or remote model, free-form
+answers parsed from text (the digit distribution is read instead, for large raters too), scales whose
+numbers are not one token each after a shared prefix (above 9 for most tokenizers), chat formats other
+than ChatML and `[INST]`, and a retry of ratings already recorded as failed (delete their lines to
+redo them). Strategies beyond the four built in come from `--prompts-file`, a JSON object:
     {"strict5": {"scale": 5, "instructions": "Be strict.",
                  "examples": [{"axis": "naturalness", "context": ["Hi"], "response": "Hello!",
                                "score": 4, "explanation": "Friendly and fluent."}]}}
@@ -43,12 +64,16 @@ import data
 from model import DTYPES, ModelError, generate, load_model
 
 # ----------------------------------------------------------------------------- defaults
-BATCH_SIZE = 8            # prompts generated together (left-padded, one KV cache)
-MAX_NEW_TOKENS = 96       # enough for "Score: N" and two sentences
+BATCH_SIZE = 8            # prompts answered together (one forward for the scores, one KV cache for the explanations)
+MAX_NEW_TOKENS = 64       # explanation tokens: two sentences
 MAX_PROMPT_TOKENS = 2048  # longer prompts lose their oldest context turns
-RETRIES = 2               # extra attempts for an answer that does not parse
+RETRIES = 2               # extra attempts for an explanation that does not parse
 RETRY_TEMPERATURE = 0.7   # retries sample (a greedy retry would repeat the same answer)
-SUMMARY_TOKENS = 128
+SUMMARY_TOKENS = 96
+SCORE_CUE = "Score:"                # what the assistant's reply is prefilled with
+EXPLANATION_CUE = "\nExplanation:"  # fed after the chosen score
+EXPLANATION_START = "The response"  # the explanation's first words, also prefilled ("" for none)
+MAX_SENTENCES = 2                   # an explanation keeps at most this many
 
 
 class RateError(ValueError):
@@ -173,61 +198,50 @@ def fit_prompt(tok, record, axis, description, strategy, max_tokens):
                len(record["context"]), max_tokens)
 
 
-# ----------------------------------------------------------------------------- parsing answers
+# ----------------------------------------------------------------------------- parsing explanations
 
-SCORE = re.compile(r"\bscore\s*:\s*", re.IGNORECASE)
-EXPLANATION = re.compile(r"\bexplanation\s*:\s*", re.IGNORECASE)
-NUMBER = re.compile(r"(-?\d+(?:[.,]\d+)?)(\s*(?:-|–|to|or)\s*\d)?(?:\s*(?:/|out of)\s*(\d+))?", re.IGNORECASE)
-
-
-def parse_rating(text, scale):
-    """(score, explanation) from a rater's answer, or raise ValueError saying what is wrong.
-
-    Accepted: "Score: N" (also "**Score:** N", "N/scale", "N out of scale") and "Explanation: ..."
-    in either order, on separate lines or one. Rejected: no score, a non-integer, a range, a score
-    off 1..scale, two different scores, no explanation or an empty one."""
-    text = text.replace("**", "").replace("__", "")
-    scores = []
-    for m in SCORE.finditer(text):
-        n = NUMBER.match(text, m.end())
-        if n is None:
-            raise ValueError(f"score is not a number: {text[m.end():m.end() + 20]!r}")
-        value, is_range, out_of = n.groups()
-        if is_range:
-            raise ValueError(f"a range instead of one score: {n.group(0)!r}")
-        if not value.lstrip("-").isdigit():
-            raise ValueError(f"score {value} is not a whole number")
-        if out_of is not None and int(out_of) != scale:
-            raise ValueError(f"score given out of {out_of}, the scale is 1-{scale}")
-        if not 1 <= int(value) <= scale:
-            raise ValueError(f"score {value} outside 1-{scale}")
-        scores.append(int(value))
-    if not scores:
-        raise ValueError("no 'Score:' in the answer")
-    if len(set(scores)) > 1:
-        raise ValueError(f"conflicting scores {sorted(set(scores))}")
-    m = EXPLANATION.search(text)
-    if m is None:
-        raise ValueError("no 'Explanation:' in the answer")
-    rest = text[m.end():]
-    ends = [len(rest)] + [s.start() for s in SCORE.finditer(rest)]  # up to a Score line after it,
-    if "\n\n" in rest:                                                # or a blank line
-        ends.append(rest.index("\n\n"))
-    explanation = " ".join(rest[:min(ends)].split()).strip("\"' ")
-    if not re.search(r"[^\W\d_]", explanation):
-        raise ValueError("empty explanation")
-    return scores[0], explanation
+# A line where the model starts another part of the prompt instead of explaining further.
+NEXT_PART = re.compile(r"^\W*((score|explanation|user|assistant|conversation|response to rate|rated examples"
+                       r"|their explanations)\s*:|now rate this)", re.IGNORECASE)
+OWN_LABEL = re.compile(r"^\W*explanation\s*:\s*", re.IGNORECASE)
+LABEL = re.compile(r"^\s*(explanation\s*:\s*)?(\d+[.):]\s+)?", re.IGNORECASE)  # a repeated label, a list number
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')])\s+")
 
 
-def parse_summary(text, scale=None):
-    """The merged explanation: the text after an optional 'Explanation:', whitespace collapsed."""
-    text = text.replace("**", "")
-    m = EXPLANATION.search(text)
-    text = text[m.end():] if m else text
-    text = " ".join(text.split("\n\n")[0].split()).strip("\"' ")
-    if not re.search(r"[^\W\d_]", text):
-        raise ValueError("empty summary")
-    return text
+def parse_explanation(text, start=""):
+    """The explanation in a generated continuation of "Explanation:" (text begins with the prefilled
+    `start`, when there is one), or raise ValueError saying what is wrong.
+
+    Kept: the text up to a blank line or a line that starts another part of the prompt ("Score: 3",
+    "User: ...", "Explanation: ..."), at most MAX_SENTENCES sentences, and a cut-off last fragment
+    only when no whole sentence comes before it. A model that ignores the prefilled words and writes
+    the answer format itself ("Score: 3\nExplanation: X", the scripted smoke rater of study.py) gets
+    its X. Markdown bold, quotes around the whole and (with no `start`) a leading "Explanation:" or
+    list number ("1. ") are dropped, whitespace is collapsed. Rejected: no letter in what the model
+    wrote (beyond `start`)."""
+    text = text.replace("**", "").replace("__", "").lstrip()
+    if start and text.startswith(start):
+        text = text[len(start):]
+    else:
+        start, text = "", LABEL.sub("", text)
+    block = text.split("\n\n")[0].split("\n")
+    j = next((j for j, line in enumerate(block) if OWN_LABEL.match(line)), None)
+    if NEXT_PART.match(block[0]) and j is not None:  # it wrote the format itself ("Score: 3\nExplanation: ...")
+        start, block = "", [OWN_LABEL.sub("", block[j])] + block[j + 1:]
+    kept = []
+    for line in block:
+        if NEXT_PART.match(line):
+            break
+        kept.append(line)
+    sentences = SENTENCE_END.split(" ".join(" ".join(kept).split()))
+    if len(sentences) > 1 and not re.search(r"[.!?][\"')]?$", sentences[-1]):
+        sentences = sentences[:-1]  # cut off by max_new_tokens
+    own = " ".join(sentences[:MAX_SENTENCES])
+    if not re.search(r"[^\W\d_]", own):
+        raise ValueError(f"empty explanation: {text[:40]!r}")
+    if len(own) > 1 and own[0] == own[-1] and own[0] in "\"'":
+        own = own[1:-1].strip()  # quoted whole
+    return start + ("" if own[0] in "',.;:!?)" else " ") + own if start else own
 
 
 # ----------------------------------------------------------------------------- the raw file
@@ -268,18 +282,68 @@ def append_lines(path, records):
         os.fsync(f.fileno())
 
 
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- the two phases
 
-def complete(model, tok, prompts, max_new_tokens, temperature=0.0, seed=None):
-    """Generated text for each prompt (token ids), all in one batch with one KV cache."""
+def cue_ids(tok, text):
+    """Ids of text at the start of the assistant's reply, as data.py writes its cues: right after
+    'assistant\\n' in ChatML, after a space following '[/INST]'."""
+    return tok.continuation(text) if (tok.template or "inst") == "chatml" else tok.spaced(text)
+
+
+def score_tokens(tok, scale):
+    """(prefix, ids): the numbers 1..scale after "Score:" encode as a shared prefix (SmolLM2: 'Ġ';
+    SentencePiece: '▁'; none where ' 4' is one token) and then one distinguishing token each, the
+    same split data.py uses for ratings 1-5."""
+    enc = [tok.spaced(str(k)) for k in range(1, scale + 1)]
+    p = 0
+    while all(len(e) > p + 1 for e in enc) and len({e[p] for e in enc}) == 1:
+        p += 1
+    ids = [e[p] if len(e) == p + 1 else None for e in enc]
+    if None in ids or len(set(ids)) != scale:
+        raise RateError(f"{tok.path}: the scores 1-{scale} do not encode as a shared prefix plus one "
+                        f"distinct token each: {[[tok.piece(i) for i in e] for e in enc]}")
+    return enc[0][:p], ids
+
+
+@torch.no_grad()
+def score_logits(model, seqs, digit_ids):
+    """Logits of each sequence's digit tokens at its last position: a list of (scale,) fp32 tensors.
+    One forward pass, right-padded (attention is causal, so padding never reaches a real position);
+    the LM head runs at the last positions only."""
+    device = next(model.parameters()).device
+    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)         # (B, T)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    last = torch.tensor([len(s) - 1 for s in seqs])                                 # (B,)
+    logits = model(tokens.to(device), logits_at=last.to(device)).float().cpu()      # (B, V)
+    return [logits[i, ids] for i, ids in enumerate(digit_ids)]
+
+
+def choose_score(logits, temperature=0.0, seed=0):
+    """(score, probability): the argmax of the digit logits (temperature 0), or a draw from their
+    softmax at `temperature` with a generator seeded for this one rating; the probability is the
+    chosen digit's among the digits at temperature 1."""
+    logits = logits.double()
+    if temperature == 0:
+        k = int(logits.argmax())
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        k = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
+    return k + 1, float(torch.softmax(logits, -1)[k])
+
+
+def complete(model, tok, prompts, max_new_tokens, temperature=0.0, seed=None, lead=0):
+    """Generated text for each prompt (token ids), all in one batch with one KV cache; with lead,
+    the text begins with the decoded last `lead` prompt tokens (the prefilled start of the answer)."""
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    eos_id=tok.eos_id, seed=seed)
-    return [tok.decode([i for i in ids if i < tok.vocab_size]) for ids in out]  # ids past the tokenizer: dropped
+    return [tok.decode([i for i in p[len(p) - lead:] + ids if i < tok.vocab_size])  # ids past the tokenizer: dropped
+            for p, ids in zip(prompts, out)]
 
 
-def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retries, seed):
+def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retries, seed, lead=0):
     """Generate for every prompt, retrying the ones whose answer does not parse (sampling, seeded).
-    prompts: per item (token ids, parse's second argument), or None for one too long to ask.
+    prompts: per item token ids, or None for one too long to ask. parse(text) -> result or ValueError.
     Returns per item ("ok", parse's result) or ("error", what was wrong with the last answer)."""
     results = [("error", "prompt too long even without context turns") if p is None else None for p in prompts]
     todo = [i for i, p in enumerate(prompts) if p is not None]
@@ -287,17 +351,37 @@ def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retri
         if not todo:
             break
         temp = temperature if attempt == 0 else max(temperature, RETRY_TEMPERATURE)
-        texts = complete(model, tok, [prompts[i][0] for i in todo], max_new_tokens, temp,
-                         seed=None if temp == 0 else seed + attempt)
+        texts = complete(model, tok, [prompts[i] for i in todo], max_new_tokens, temp,
+                         seed=None if temp == 0 else seed + attempt, lead=lead)
         failed = []
         for i, text in zip(todo, texts):
             try:
-                results[i] = ("ok", parse(text, prompts[i][1]))
+                results[i] = ("ok", parse(text))
             except ValueError as e:
                 results[i] = ("error", f"{e} (attempt {attempt + 1} of {retries + 1})")
                 failed.append(i)
         todo = failed
     return results
+
+
+def rate_batch(model, tok, prompts, scales, seeds, *, start, max_new_tokens, temperature, retries, seed):
+    """Both phases for a batch: prompts (chat ids, or None when too long), the scale and the score
+    seed of each. Returns per item ("ok", (score, score_prob, explanation)) or ("error", message)."""
+    splits = {s: score_tokens(tok, s) for s in set(scales)}  # scale -> (prefix, digit ids)
+    seqs = [None if p is None else p + cue_ids(tok, SCORE_CUE) + splits[s][0] for p, s in zip(prompts, scales)]
+    asked = [i for i, q in enumerate(seqs) if q is not None]
+    picked = {}                                               # item -> (score, score_prob)
+    if asked:
+        logits = score_logits(model, [seqs[i] for i in asked], [splits[scales[i]][1] for i in asked])
+        picked = {i: choose_score(x, temperature, seeds[i]) for i, x in zip(asked, logits)}
+    start_ids = tok.spaced(start) if start else []
+    follow = [None if q is None else q + [splits[scales[i]][1][picked[i][0] - 1]]  # "Score: N\nExplanation: The response"
+              + tok.continuation(EXPLANATION_CUE) + start_ids for i, q in enumerate(seqs)]
+    results = answer_all(model, tok, follow, partial(parse_explanation, start=start),
+                         max_new_tokens=max_new_tokens, temperature=temperature, retries=retries,
+                         seed=seed, lead=len(start_ids))
+    return [(status, picked[i] + (value,)) if status == "ok" else (status, value)
+            for i, (status, value) in enumerate(results)]
 
 
 class Progress:
@@ -375,28 +459,31 @@ def rater_name(path):
 
 def rate_with(path, name, jobs, axes, strategies, args, counts):
     """Load one rater, answer its jobs (conversation, axis, strategy, sample) batch by batch, append."""
-    model = load_model(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
     tok = data.Tokenizer(path)
+    for s in strategies.values():
+        score_tokens(tok, s["scale"])  # a scale this tokenizer cannot score fails before the model loads
+    model = load_model(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
     jobs = sorted(jobs, key=lambda j: (j[2], len(str(j[0]["context"])) + len(j[0]["response"])))  # less padding
     print(f"rater {name}: {model.n_params() / 1e6:.1f}M parameters on {args.device} "
           f"({next(model.parameters()).dtype}{', nf4' if args.quantize else ''}), {len(jobs)} prompts "
-          f"in batches of {args.batch_size}, up to {args.max_new_tokens} new tokens", file=sys.stderr)
+          f"in batches of {args.batch_size}: the score from the digit logits after {SCORE_CUE!r}, then up to "
+          f"{args.max_new_tokens} tokens of explanation after {(EXPLANATION_CUE.strip() + ' ' + args.explanation_start).strip()!r}",
+          file=sys.stderr)
     progress = Progress(f"rater {name}", len(jobs))
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b:b + args.batch_size]
-        prompts = []
-        for c, axis, p, _ in batch:
-            ids = fit_prompt(tok, c, axis, axes[axis], strategies[p], args.max_prompt_tokens)
-            prompts.append(None if ids is None else (ids, strategies[p]["scale"]))
+        prompts = [fit_prompt(tok, c, axis, axes[axis], strategies[p], args.max_prompt_tokens) for c, axis, p, _ in batch]
         c, axis, p, k = batch[0]
-        results = answer_all(model, tok, prompts, parse_rating, max_new_tokens=args.max_new_tokens,
+        results = rate_batch(model, tok, prompts, [strategies[p]["scale"] for _, _, p, _ in batch],
+                             [batch_seed(args.seed, "score", name, c["id"], axis, p, k) for c, axis, p, k in batch],
+                             start=args.explanation_start, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, retries=args.retries,
                              seed=batch_seed(args.seed, name, c["id"], axis, p, k))
         lines = {}
         for (c, axis, p, k), (status, value) in zip(batch, results):
             rating = {"rater": name, "prompt": p, "axis": axis, "scale": strategies[p]["scale"]}
-            rating.update({"score": value[0], "explanation": value[1]} if status == "ok" else
-                          {"score": None, "error": value})
+            rating.update({"score": value[0], "score_prob": round(value[1], 4), "explanation": value[2]}
+                          if status == "ok" else {"score": None, "error": value})
             if args.samples > 1:
                 rating["sample"] = k
             lines.setdefault(c["id"], dict(c, ratings=[]))["ratings"].append(rating)  # one line per item
@@ -445,6 +532,7 @@ def summarize(args):
         return counts
     model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     tok = data.Tokenizer(args.model)
+    start_ids = tok.spaced(args.explanation_start) if args.explanation_start else []  # prefilled after "Explanation:"
     progress = Progress("summarize", len(jobs))
     for b in range(0, len(jobs), args.batch_size):
         batch = jobs[b:b + args.batch_size]
@@ -453,10 +541,10 @@ def summarize(args):
             ok = [x for x in items[i]["ratings"] if x["axis"] == axis and x.get("score") is not None]
             ids = fit(tok, partial(summary_prompt, items[i], axis, axes[axis], label, ok),
                       len(items[i]["context"]), args.max_prompt_tokens)
-            prompts.append(None if ids is None else (ids, None))
-        results = answer_all(model, tok, prompts, parse_summary, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, retries=args.retries,
-                             seed=batch_seed(args.seed, *batch[0][:2]))
+            prompts.append(None if ids is None else ids + cue_ids(tok, EXPLANATION_CUE.strip()) + start_ids)
+        results = answer_all(model, tok, prompts, partial(parse_explanation, start=args.explanation_start),
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             retries=args.retries, seed=batch_seed(args.seed, *batch[0][:2]), lead=len(start_ids))
         lines = {}
         for (i, axis, _), (status, value) in zip(batch, results):
             counts["ok" if status == "ok" else "failed"] += 1
@@ -496,8 +584,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--max-new-tokens", type=int, default=SUMMARY_TOKENS if summarizing else MAX_NEW_TOKENS)
     p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS)
+    p.add_argument("--explanation-start", default=EXPLANATION_START,
+                   help="the explanation's prefilled first words ('' for none)")
     p.add_argument("--retries", type=int, default=RETRIES)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (the most likely score); above 0: scores and explanations are sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", choices=["nf4"], help="load the model's linear layers in 4 bits")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

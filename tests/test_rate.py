@@ -1,5 +1,6 @@
-"""rate.py on tiny random raters: answer parsing, prompts, plumbing and accounting, resume after a
-crash, summaries, and generation equal to model.generate. CPU only, seconds."""
+"""rate.py on tiny random raters: the score read from the digit logits after "Score:" (argmax, seeded
+samples), explanation parsing, prompts, plumbing and accounting, resume after a crash, summaries,
+and generation equal to model.generate. CPU only, seconds."""
 import json
 import os
 import shutil
@@ -49,7 +50,7 @@ def raters(tmp_path_factory):
     spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(text).split("\n")),
                                    model_prefix=str(root / "sp"), vocab_size=300, hard_vocab_limit=False,
                                    character_coverage=1.0, required_chars="0123456789", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   minloglevel=2)
+                                   split_digits=True, minloglevel=2)  # ' 4' -> ['▁', '4'], as Llama's and Mistral's
     paths = []
     for i, name in enumerate(["rater-a", "rater-b"]):
         torch.manual_seed(i)
@@ -89,9 +90,10 @@ def all_keys(raters, samples=1, axes=AXES):
 
 
 class StubGenerate:
-    """Stands in for model.generate: a well-formed answer (score = scale - 1) for every prompt, except
-    a score off the scale for prompts containing a word of `always_bad`, and of `bad_greedy` under
-    greedy decoding only (so the sampled retry fixes it); raises after `crash_after` calls."""
+    """Stands in for model.generate, which rate.py now calls for explanations only (the score comes
+    from the tiny model's digit logits): " sounds fluent." for every prompt, except an answer with
+    no words ("42") for prompts containing a word of `always_bad`, and of `bad_greedy` under greedy
+    decoding only (so the sampled retry fixes it); raises after `crash_after` calls."""
 
     def __init__(self, tok, bad_greedy=(), always_bad=(), crash_after=None):
         self.tok, self.bad_greedy, self.always_bad, self.crash_after = tok, bad_greedy, always_bad, crash_after
@@ -104,9 +106,8 @@ class StubGenerate:
         out, self.last_prompt = [], prompts[-1]
         for p in prompts:
             text = self.tok.decode(p)
-            scale = 4 if "from 1 to 4>" in text else 5
             bad = any(w in text for w in self.always_bad) or temperature == 0 and any(w in text for w in self.bad_greedy)
-            out.append(self.tok.encode(f"Score: {9 if bad else scale - 1}\nExplanation: The reply sounds fluent."))
+            out.append(self.tok.encode("42" if bad else "sounds fluent."))
         return out
 
 
@@ -116,48 +117,60 @@ def stub(raters, monkeypatch, **kw):
     return gen
 
 
-# ----------------------------------------------------------------------------- parsing
+def reference_digit_logits(model, tok, conversation, axis, strategy, max_tokens=rate.MAX_PROMPT_TOKENS):
+    """The scale's digit logits after "Score:" from a plain full forward pass of one unpadded prompt."""
+    prefix, digits = rate.score_tokens(tok, strategy["scale"])
+    ids = rate.fit_prompt(tok, conversation, axis, data.AXES[axis], strategy, max_tokens) + rate.cue_ids(tok, "Score:") + prefix
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0, -1, digits]
 
-PARSE_CASES = [  # (answer, scale, expected (score, explanation) or an error substring)
-    ("Score: 3\nExplanation: Fluent and friendly.", 4, (3, "Fluent and friendly.")),
-    ("Score: 5\nExplanation: Very natural.", 5, (5, "Very natural.")),
-    ("  score:2 explanation: Repeats itself.  ", 4, (2, "Repeats itself.")),           # one line, lower case
-    ("**Score:** 4/5\n**Explanation:** Clear and idiomatic.", 5, (4, "Clear and idiomatic.")),
-    ("Score: 1 out of 4\nExplanation: Off topic.", 4, (1, "Off topic.")),
-    ("Explanation: Stays on the question.\nScore: 4", 4, (4, "Stays on the question.")),  # either order
-    ("Sure! Score: 2.\nExplanation: Stiff wording.\n\nConversation: B: more text", 5, (2, "Stiff wording.")),
-    ("Score: 3\nExplanation: Good.\nScore: 3", 4, (3, "Good.")),                        # repeated, same value
-    ("Score: 5\nExplanation: Perfect.", 4, "outside 1-4"),
-    ("Score: 0\nExplanation: Bad.", 5, "outside 1-5"),
-    ("Score: -1\nExplanation: Bad.", 5, "outside 1-5"),
-    ("Score: 3.5\nExplanation: Between.", 5, "not a whole number"),
-    ("Score: 3-4\nExplanation: Between.", 5, "range"),
-    ("Score: 3 or 4\nExplanation: Between.", 4, "range"),
-    ("Score: four\nExplanation: Good.", 4, "not a number"),
-    ("Score: 4/10\nExplanation: Good.", 5, "out of 10"),
-    ("Score: 2\nExplanation: Meh.\nScore: 4", 4, "conflicting"),
-    ("Score: 3", 4, "no 'Explanation:'"),
-    ("Score: 3\nExplanation:   ", 5, "empty explanation"),
-    ("Score: 3\nExplanation: 42", 5, "empty explanation"),
-    ("I would rate it 4 because it is fluent.", 5, "no 'Score:'"),
-    ("", 4, "no 'Score:'"),
+
+# ----------------------------------------------------------------------------- parsing explanations
+
+START = rate.EXPLANATION_START
+PARSE_CASES = [  # (generated text, prefilled start, expected explanation or an error substring)
+    (f"{START} is fluent and friendly.", START, f"{START} is fluent and friendly."),
+    (f" {START} sounds natural.", START, f"{START} sounds natural."),    # byte-level BPE decodes 'ĠThe' with its space
+    (f"{START}'s tone is warm.", START, f"{START}'s tone is warm."),
+    (f"{START} is fluent,\n  and idiomatic.", START, f"{START} is fluent, and idiomatic."),     # lines joined
+    (f"{START} is short.\n\nUser: I went hiking.\nResponse to rate: ...", START, f"{START} is short."),
+    (f"{START} is short.\nScore: 3", START, f"{START} is short."),                          # a trailing Score line
+    (f"{START} is stiff.\nExplanation: again", START, f"{START} is stiff."),
+    (f"{START} is clear. It is short. It repeats. It is", START, f"{START} is clear. It is short."),  # two sentences
+    (f"{START} is clear, friendly and", START, f"{START} is clear, friendly and"),  # cut off, nothing whole before
+    (f"{START} is **very** natural.", START, f"{START} is very natural."),
+    (f"{START} user-friendly, not a new part.", START, f"{START} user-friendly, not a new part."),
+    ("Fluent and friendly.", "", "Fluent and friendly."),                                   # no prefilled start
+    (f"{START}Score:3\nExplanation:Fluent reply.", START, "Fluent reply."),  # wrote the format itself
+    ("Score: 3\nExplanation: Fluent reply.\nScore: 3", "", "Fluent reply."),
+    ("Explanation: Stays on the question.", "", "Stays on the question."),
+    ("1. The answer is a mix of both.", "", "The answer is a mix of both."),                # a list number
+    (' "Fluent and idiomatic."\n', "", "Fluent and idiomatic."),
+    (f"{START} 1.\n\nUser: hi", START, "empty explanation"),                              # a list number only
+    (f"{START} 42", START, "empty explanation"),
+    (START, START, "empty explanation"),                                                      # EOS at once
+    ("", "", "empty explanation"),
+    ("   \n\nUser: hello", "", "empty explanation"),
+    ("Score: 4", "", "empty explanation"),                                               # the format again
 ]
 
 
-@pytest.mark.parametrize("text,scale,expected", PARSE_CASES)
-def test_parse_rating(text, scale, expected):
-    if isinstance(expected, tuple):
-        assert rate.parse_rating(text, scale) == expected
-    else:
+@pytest.mark.parametrize("text,start,expected", PARSE_CASES)
+def test_parse_explanation(text, start, expected):
+    if expected.startswith("empty"):
         with pytest.raises(ValueError, match=expected):
-            rate.parse_rating(text, scale)
+            rate.parse_explanation(text, start)
+    else:
+        assert rate.parse_explanation(text, start) == expected
 
 
-def test_parse_summary():
-    assert rate.parse_summary("Explanation: Fluent,\n  and natural.\n\nMore.") == "Fluent, and natural."
-    assert rate.parse_summary("  Reads naturally. ") == "Reads naturally."
-    with pytest.raises(ValueError):
-        rate.parse_summary("Explanation: ...")
+def test_score_tokens_split_like_data_py(raters):
+    tok = data.Tokenizer(raters[0])
+    prefix, digits = rate.score_tokens(tok, 5)
+    assert digits == data.rating_token_ids(tok) and [tok.piece(i) for i in prefix] == ["▁"]
+    assert [tok.piece(i) for i in digits] == list("12345") and rate.score_tokens(tok, 4)[1] == digits[:4]
+    with pytest.raises(rate.RateError, match="1-10 do not encode as a shared prefix"):
+        rate.score_tokens(tok, 10)  # '10' is two digit pieces
 
 
 # ----------------------------------------------------------------------------- prompts and options
@@ -238,6 +251,8 @@ def test_random_raters_all_strategies_accounting(raters, conversations, tmp_path
     n_failed = sum(x["score"] is None for x in ratings)
     assert n_failed == sum(n for (_, _, status), n in counts.items() if status == "failed")
     assert f"({n_failed} failed)" in capsys.readouterr().err
+    assert n_failed == 0  # the score is on the scale by construction; random tokens still hold a letter
+    assert all(x["explanation"].startswith(rate.EXPLANATION_START + " ") for x in ratings)
     run_rate(raters, conversations, out)  # a rerun has nothing left to do
     assert len(rating_keys(out)) == len(keys)
     records, report = data.aggregate(data.load_records(str(out), kind="raw"))  # validates every line
@@ -246,7 +261,47 @@ def test_random_raters_all_strategies_accounting(raters, conversations, tmp_path
     assert data.main(["aggregate", str(out), "-o", str(tmp_path / "train.jsonl")]) == 0  # the command line too
 
 
-def test_stub_answers_are_parsed_retried_and_aggregate(raters, conversations, tmp_path, monkeypatch):
+def test_greedy_score_is_the_argmax_of_the_digit_logits(raters, conversations, tmp_path, monkeypatch):
+    """Batched and right-padded in rate.py; here one prompt at a time, every position's logits."""
+    stub(raters, monkeypatch)  # explanations do not matter here
+    out = tmp_path / "raw.jsonl"
+    run_rate(raters, conversations, out)
+    models = {os.path.basename(r): (M.load_model(r), data.Tokenizer(r)) for r in raters}
+    conversation = {c["id"]: c for c in CONVERSATIONS}
+    ratings = [(r["id"], x) for r in lines(out) for x in r["ratings"]]
+    assert len(ratings) == len(all_keys(raters))
+    for i, x in ratings:
+        ref = reference_digit_logits(*models[x["rater"]], conversation[i], x["axis"], rate.STRATEGIES[x["prompt"]])
+        assert x["score"] == int(ref.argmax()) + 1
+        assert abs(x["score_prob"] - torch.softmax(ref.double(), -1).max().item()) < 1e-4
+    assert len({x["score"] for _, x in ratings}) > 1  # not one constant answer
+
+
+def test_sampled_scores_are_seeded_per_rating_and_vary(raters, conversations, tmp_path, monkeypatch, capsys):
+    expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", str(tmp_path / "r"),
+                          "--samples", "2"], "--temperature")
+    stub(raters, monkeypatch)
+
+    def scores(name, *extra):
+        out = tmp_path / f"{name}.jsonl"
+        run_rate(raters[:1], conversations, out, "--samples", "3", "--temperature", "1.0", *extra)
+        keys = rating_keys(out)
+        assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters[:1], samples=3)
+        return dict(zip(keys, (x["score"] for r in lines(out) for x in r["ratings"])))
+
+    first = scores("a")
+    assert all(1 <= s <= rate.STRATEGIES[k[3]]["scale"] for k, s in first.items())
+    assert scores("b") == first                              # the same seed: the same samples
+    assert scores("c", "--batch-size", "3") == first         # seeded per rating, not per batch
+    assert scores("d", "--seed", "1") != first               # another seed: other samples
+    per_question = {}
+    for (i, axis, _, p, k), s in first.items():
+        per_question.setdefault((i, axis, p), set()).add(s)
+    assert any(len(v) > 1 for v in per_question.values())    # the samples of one question differ
+    assert len(set(first.values())) > 2
+
+
+def test_stub_explanations_are_parsed_retried_and_aggregate(raters, conversations, tmp_path, monkeypatch):
     gen = stub(raters, monkeypatch, bad_greedy=("Madrid",), always_bad=("chicken",))
     out = tmp_path / "raw.jsonl"
     counts = run_rate(raters, conversations, out)
@@ -254,25 +309,15 @@ def test_stub_answers_are_parsed_retried_and_aggregate(raters, conversations, tm
     for r in lines(out):  # every line is a whole raw record: the conversation and some of its ratings
         by_id.setdefault(r["id"], []).extend(r["ratings"])
         assert {k: r[k] for k in ("id", "dataset", "context", "response")} == conversation[r["id"]]
-    assert all(x["score"] == x["scale"] - 1 and x["explanation"] == "The reply sounds fluent."
+    assert all(1 <= x["score"] <= x["scale"] and x["explanation"] == "The response sounds fluent."
                for i in ("c1", "c2", "c4") for x in by_id[i])                          # c2 fixed by a retry
-    assert all(x["score"] is None and "outside" in x["error"] for x in by_id["c3"])       # failed twice: recorded
+    assert all(x["score"] is None and "empty explanation" in x["error"] for x in by_id["c3"])  # failed twice
     assert sum(n for (_, _, s), n in counts.items() if s == "failed") == len(AXES) * 4 * 2
     records, _ = data.aggregate(lines(out))
-    labels = {(r["id"], r["axis"]): r["label"] for r in records}
-    assert set(labels) == {(i, a) for i in ("c1", "c2", "c4") for a in AXES}
-    assert all(v == 4 for v in labels.values())  # mean of 3/4 -> 4.0 and 4/5 -> 4
-    assert gen.calls > 0
-
-
-def test_samples_need_temperature_and_are_keyed(raters, conversations, tmp_path, monkeypatch, capsys):
-    expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", str(tmp_path / "r"),
-                          "--samples", "2"], "--temperature")
-    stub(raters, monkeypatch)
-    out = tmp_path / "raw.jsonl"
-    run_rate(raters[:1], conversations, out, "--samples", "2", "--temperature", "0.8")
-    keys = rating_keys(out)
-    assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters[:1], samples=2)
+    assert {(r["id"], r["axis"]) for r in records} == {(i, a) for i in ("c1", "c2", "c4") for a in AXES}
+    assert all(1 <= r["label"] <= 5 for r in records)
+    prompt = gen.tok.decode(gen.last_prompt)  # the explanation phase sees the chosen score and the cue
+    assert prompt.endswith(rate.EXPLANATION_START) and "Score:" in prompt
 
 
 def test_custom_axis_from_a_file(raters, conversations, tmp_path, monkeypatch, capsys):
@@ -339,7 +384,7 @@ def test_summarize_resumes_and_feeds_aggregate(raters, conversations, tmp_path, 
         summary_stub.calls += 1
         if summary_stub.calls == 2:
             raise KeyboardInterrupt("simulated crash")
-        return [tok.encode("Explanation: Merged: fluent and natural.") for _ in prompts]
+        return [tok.encode("is fluent and natural.") for _ in prompts]
     summary_stub.calls = 0
     tok = data.Tokenizer(raters[0])
     monkeypatch.setattr(rate, "generate", summary_stub)
@@ -355,7 +400,7 @@ def test_summarize_resumes_and_feeds_aggregate(raters, conversations, tmp_path, 
     pairs = [(r["id"], a) for r in new for a in r["summaries"]]
     assert len(pairs) == len(set(pairs)) and set(pairs) == {(i, a) for i in ("c1", "c2", "c4") for a in AXES}
     records, _ = data.aggregate(lines(out))
-    assert {r["explanation"] for r in records} == {"Merged: fluent and natural."}
+    assert {r["explanation"] for r in records} == {"The response is fluent and natural."}
 
 
 def test_summarize_with_a_random_model_to_another_file(raters, conversations, tmp_path, monkeypatch):
