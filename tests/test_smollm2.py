@@ -103,5 +103,10 @@ def test_eval_analysis_and_rater_run_on_smollm2(smollm2_gguf, smol_run, tmp_path
     assert sorted((x["prompt"]) for x in ratings) == sorted(list(rate.STRATEGIES) * 2)
     assert all(x["rater"] == "SmolLM2-135M-Instruct.Q4_1" for x in ratings)
     assert all((x["score"] is None) == ("error" in x) for x in ratings)
-    print(f"SmolLM2 rater: {sum(x['score'] is not None for x in ratings)} of {len(ratings)} answers parsed: "
-          + "; ".join(f"{x['prompt']}={x['score']}" for x in ratings))
+    parsed = [x for x in ratings if x["score"] is not None]
+    print(f"SmolLM2 rater: {len(parsed)} of {len(ratings)} answers parsed:\n" + "\n".join(
+        f"  {x['prompt']}: {x['score']} (p {x.get('score_prob')}) {x.get('explanation') or x['error']}" for x in ratings))
+    # rate.py reads the score from the digit logits after a prefilled "Score:" and prefills
+    # "Explanation: The response", so only an explanation with no words of its own can fail
+    assert len(parsed) >= 7, f"only {len(parsed)} of 8 SmolLM2 ratings parsed"
+    assert all(1 <= x["score"] <= x["scale"] and 0 < x["score_prob"] <= 1 for x in parsed)
