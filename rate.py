@@ -421,6 +421,8 @@ def rate(args):
         raise RateError("--samples above 1 needs --temperature above 0 (greedy samples would be identical)")
     if not os.path.isfile(args.input):
         raise RateError(f"{args.input}: no such file")
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.input):
+        raise RateError(f"--out {args.out} is the --input file: ratings would be appended to the conversations")
     conversations = [{k: c[k] for k in ("id", "dataset", "context", "response")}
                      for c in data.load_records(args.input, kind="conversation", axes=axes)]
     done = {(r["id"], x["axis"], x["rater"], x["prompt"], x.get("sample", 0))
@@ -590,7 +592,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (the most likely score); above 0: scores and explanations are sampled")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantize", choices=["nf4"], help="load the model's linear layers in 4 bits")
+    p.add_argument("--quantize", choices=["nf4", "nf4-dq"], help="load the model's linear layers in 4 bits")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, else bfloat16")
     args = p.parse_args(argv)

@@ -30,9 +30,9 @@ The sizes are fixed below (SIZES) and were set before any study ran, from the sp
 are not tuned towards any answer. One rater sampled K times is not the paper's ensemble of three
 models: the averaging and summarising are the same, the raters' diversity is not. The chit-chat
 package has 4,017 conversations that can be cut, so the paper size rates 12,051 items, not 15,000.
-Known today: SmolLM2-135M-Instruct rarely answers in rate.py's "Score: N / Explanation: ..." format
-(0 of 8 in a check), so the quick and default studies stop at stage 4 with "no item has a valid
-rating" until rate.py guides the answer (e.g. prefills "Score:" and then "Explanation:").
+Known today: rate.py reads SmolLM2-135M-Instruct's score from its digit distribution after a
+prefilled "Score:", and every rating parses, but its greedy scores are 1 almost everywhere and do
+not tell an on-topic reply from an off-topic one (stage 4 warns when an axis collapses).
 Left out: the work itself (data.py, rate.py, train.py, eval.py and analysis.py do it; this file
 calls them), the other five datasets (their files are not on this machine), and any download.
 """
@@ -85,7 +85,7 @@ class Size:
     rw_variants: tuple = ("explanation", "random")  # trained again with rating_weight=True
     temperature: float = 0.7    # rater sampling temperature (> 0: the K samples differ)
     rate_batch: int = 16        # prompts generated together
-    rate_new_tokens: int = 48   # "Score: N" and an explanation of a sentence or two
+    rate_new_tokens: int = 48   # the explanation of a sentence or two (the score is read, not generated)
     rate_prompt_tokens: int = 384  # longer rating prompts lose their oldest turns
     summary_new_tokens: int = 64
     seed: int = 0               # the conversation sample, the demo corpus and the rater's sampling
@@ -334,8 +334,7 @@ def build_smoke_rater(path, text_path, seed=0, gain=2.0):
     """A scripted tiny rater: every layer's output projection is zero, so each next token depends on
     the current one only (a bigram table in the embedding and the LM head). From any token that is
     not part of the answer it starts SMOKE_ANSWER; after 'Score:' the five digits are equally likely,
-    so sampling gives varied scores (a 5 on the 1-4 scale fails to parse and is retried, as with a
-    real model). Its tokenizer keeps 'Score:' and 'Explanation:' as single pieces, which makes every
+    so sampling gives varied scores (rate.py reads them from the digit distribution). Its tokenizer keeps 'Score:' and 'Explanation:' as single pieces, which makes every
     other piece of the answer have one successor."""
     os.makedirs(path, exist_ok=True)
     example = {"context": ["Hi there!", "Hello, how are you?"], "response": "Fine, thanks."}
@@ -566,8 +565,8 @@ class Study:
             raise StudyError(f"{self.p['raw']}: no item has a valid rating; nothing to train on")
         dist, warnings = label_distribution(records)
         if rep["failed"] > rep["valid"]:
-            warnings.append(f"WARNING: most ratings failed to parse ({rep['failed']} of {rep['valid'] + rep['failed']}): "
-                            "the rater does not answer in the 'Score: N / Explanation: ...' format")
+            warnings.append(f"WARNING: most ratings failed ({rep['failed']} of {rep['valid'] + rep['failed']}): "
+                            "the rater wrote no usable explanation (see the errors in raw.jsonl)")
         text = data.format_report(rep) + "\n\n" + format_distribution(dist) + "".join(f"\n{w}" for w in warnings)
         write_text(text + "\n", self.p["report"])
         write_json({"distribution": dist, "warnings": warnings}, self.p["labels"])

@@ -211,6 +211,15 @@ def expect_error(capsys, argv, message):
 def test_bad_inputs_are_one_line_errors(raters, conversations, tmp_path, capsys):
     out = str(tmp_path / "raw.jsonl")
     expect_error(capsys, ["--raters", str(tmp_path / "nope"), "--input", conversations, "--out", out], "nope: not a rater (a .gguf file, or a folder")
+    before = open(conversations).read()
+    expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", conversations],
+                 "is the --input file: ratings would be appended to the conversations")
+    assert open(conversations).read() == before
+    empty = tmp_path / "empty-config"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    (empty / "tokenizer.model").write_bytes(open(os.path.join(raters[0], "tokenizer.model"), "rb").read())
+    expect_error(capsys, ["--raters", str(empty), "--input", conversations, "--out", out], "config.json")
     expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", out, "--prompts", "scale4,zero-shot"],
                  "unknown prompting strategy 'zero-shot'")
     expect_error(capsys, ["--raters", raters[0], "--input", conversations, "--out", out, "--axes", "humour"],

@@ -202,7 +202,7 @@ def test_smoke_rater_answers_in_format(tmp_path):
     """The scripted rater's sampled answers parse, with varied scores."""
     import data
     import rate
-    from model import generate, load_model
+    from model import load_model
 
     text = tmp_path / "text.txt"
     text.write_text("Hi there, how are you doing today?\nFine, thanks for asking.\n")
@@ -211,6 +211,7 @@ def test_smoke_rater_answers_in_format(tmp_path):
     conv = {"context": ["Hi there, how are you doing today?"], "response": "Fine, thanks for asking."}
     prompt = tok.chat(rate.rating_prompt(conv, "naturalness", data.AXES["naturalness"], rate.STRATEGIES["scale5"]),
                       template=tok.template or "inst")  # as rate.py asks
-    out = generate(model, [prompt] * 32, max_new_tokens=20, temperature=0.7, eos_id=tok.eos_id, seed=0)
-    parsed = [rate.parse_rating(tok.decode(ids), 5) for ids in out]
-    assert {e for _, e in parsed} == {"Fluent reply."} and len({s for s, _ in parsed}) >= 3
+    out = rate.rate_batch(model, tok, [prompt] * 32, [5] * 32, list(range(32)), start=rate.EXPLANATION_START,
+                          max_new_tokens=20, temperature=0.7, retries=0, seed=0)
+    assert all(status == "ok" for status, _ in out)
+    assert {v[2] for _, v in out} == {"Fluent reply."} and len({v[0] for _, v in out}) >= 3
