@@ -482,9 +482,7 @@ def train_stage(report, res, limit, sides):
     ok = {n: s for n, s in res["sides"].items() if s.get("status") == "ok"}
     if len(ok) >= 2:
         a, b = list(ok)[:2]
-        res["ratios"] = {f"{a}/{b}": {"tokens_per_s": ok[a]["tokens_per_s"] / ok[b]["tokens_per_s"],
-                                       "step_s": ok[a]["step_s"] / ok[b]["step_s"],
-                                       "peak_bytes": ok[a]["peak_bytes"] / ok[b]["peak_bytes"]}}
+        res["ratios"] = {f"{a}/{b}": {k: _div(ok[a][k], ok[b][k]) for k in ("tokens_per_s", "step_s", "peak_bytes")}}
         res["first_loss_spread"] = abs(ok[a]["first_loss"] - ok[b]["first_loss"])
     if not ok:
         res.update(status="error", error="no side ran: " + "; ".join(
@@ -508,8 +506,7 @@ def stage_train_nf4(report, res, limit):
     bf16 = report.stages.get("train_bf16", {}).get("sides", {}).get("ours", {})
     nf4 = res["sides"].get("ours-nf4", {})
     if bf16.get("status") == "ok" and nf4.get("status") == "ok":
-        res["ours_nf4_vs_ours_bf16"] = {"tokens_per_s": nf4["tokens_per_s"] / bf16["tokens_per_s"],
-                                        "peak_bytes": nf4["peak_bytes"] / bf16["peak_bytes"]}
+        res["ours_nf4_vs_ours_bf16"] = {k: _div(nf4[k], bf16[k]) for k in ("tokens_per_s", "peak_bytes")}
 
 
 def _hf_missing():
@@ -710,6 +707,11 @@ def _gb(b):
 
 def _pct(x):
     return f"{x:.1%}" if x is not None else "-"
+
+
+def _div(a, b):
+    """a / b, or None where b is 0 (a CPU peak over the baseline can be 0 bytes at smoke sizes)."""
+    return a / b if b else None
 
 
 def _ratio(a, b):
