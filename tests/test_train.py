@@ -437,12 +437,17 @@ def test_tokenizer_larger_than_the_model_is_refused(setup, tmp_path):
         train.run(config(setup, tmp_path / "run", model=str(base)))
 
 
-def test_custom_axis_trains_with_its_descriptions_file(setup, tmp_path):
-    records = [dict(r, axis="politeness") for r in data.load_records(setup["data"])[:60]]
+def _custom_axis_files(setup, tmp_path, n):
+    """(records file, descriptions file): the first n records moved to a custom axis 'politeness'."""
     path = str(tmp_path / "polite.jsonl")
-    data.write_jsonl(records, path)
+    data.write_jsonl([dict(r, axis="politeness") for r in data.load_records(setup["data"])[:n]], path)
     axes = tmp_path / "axes.txt"
     axes.write_text("politeness: courteous and respectful\n")
+    return path, axes
+
+
+def test_custom_axis_trains_with_its_descriptions_file(setup, tmp_path):
+    path, axes = _custom_axis_files(setup, tmp_path, 60)
     with pytest.raises(data.DataError, match="politeness"):
         train.run(config(setup, tmp_path / "no-axes", data=path, steps=1))
     train.run(config(setup, tmp_path / "run", data=path, steps=1, axes_file=str(axes)))
@@ -453,11 +458,7 @@ def test_custom_axis_run_scores_and_analyses(setup, tmp_path):
     """eval.py and analysis.py read a custom-axis run with the run's own descriptions file."""
     import analysis
     import eval as ev
-    records = [dict(r, axis="politeness") for r in data.load_records(setup["data"])[:80]]
-    path = str(tmp_path / "polite.jsonl")
-    data.write_jsonl(records, path)
-    axes = tmp_path / "axes.txt"
-    axes.write_text("politeness: courteous and respectful\n")
+    path, axes = _custom_axis_files(setup, tmp_path, 80)
     train.run(config(setup, tmp_path / "run", data=path, steps=1, axes_file=str(axes)))
     m = ev.score_run(str(tmp_path / "run"))
     assert list(m["settings"]) == ["kw/politeness"]
