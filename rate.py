@@ -50,6 +50,7 @@ redo them). Strategies beyond the four built in come from `--prompts-file`, a JS
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import sys
@@ -403,6 +404,89 @@ def batch_seed(seed, *key):
     return (seed * 1_000_003 + zlib.crc32("|".join(map(str, key)).encode())) % 2**31
 
 
+# ----------------------------------------------------------------------------- check: does the score see the response?
+
+def corrupt(records, axis, seed=0):
+    """Each record with its response made worse on `axis` by construction: on_topic, the response of
+    the record half the list away (another conversation's); naturalness, its words shuffled (seeded);
+    comprehensiveness and any other axis, only its first two words. check() leaves out the pairs
+    where this changed nothing (a one-word response)."""
+    n, rng = len(records), random.Random(seed)
+    def shuffled(text):
+        words = text.split()
+        rng.shuffle(words)
+        return " ".join(words if words != text.split() else words[::-1])  # a shuffle that moved nothing
+    if axis == "on_topic":
+        return [dict(r, response=records[(i + n // 2) % n]["response"]) for i, r in enumerate(records)]
+    if axis == "naturalness":
+        return [dict(r, response=shuffled(r["response"])) for r in records]
+    return [dict(r, response=" ".join(r["response"].split()[:2])) for r in records]
+
+
+def expected_scores(model, tok, records, axis, description, strategy, max_tokens, batch_size):
+    """The score's mean under the rater's digit distribution (temperature 1) for each record, or
+    None where the prompt does not fit."""
+    prefix, digits = score_tokens(tok, strategy["scale"])
+    seqs = [fit_prompt(tok, r, axis, description, strategy, max_tokens) for r in records]
+    seqs = [None if q is None else q + cue_ids(tok, SCORE_CUE) + prefix for q in seqs]
+    asked = [i for i, q in enumerate(seqs) if q is not None]
+    out = [None] * len(records)
+    for b in range(0, len(asked), batch_size):
+        idx = asked[b:b + batch_size]
+        for i, x in zip(idx, score_logits(model, [seqs[i] for i in idx], [digits] * len(idx))):
+            out[i] = float(torch.softmax(x.double(), -1) @ torch.arange(1, strategy["scale"] + 1).double())
+    return out
+
+
+def auc(better, worse):
+    """P(a score of `better` > one of `worse`), ties half: 0.5 is a rater blind to the difference."""
+    pairs = [(a > b) + 0.5 * (a == b) for a in better for b in worse]
+    return sum(pairs) / len(pairs) if pairs else None
+
+
+def check(args):
+    """For each rater, axis and strategy: how well the expected score tells each response from its
+    corrupted copy (AUC over all real x corrupted pairs, with a rough 95% interval half-width)."""
+    axes = chosen_axes(args.axes, args.axes_file)
+    strategies = load_strategies(args.prompts.split(","), args.prompts_file)
+    if not os.path.isfile(args.input):
+        raise RateError(f"{args.input}: no such file")
+    if args.n < 2:
+        raise RateError(f"--n {args.n}: the check needs at least two conversations")
+    records = data.load_records(args.input, kind="conversation", axes=axes)[:args.n]
+    if len(records) < 2:
+        raise RateError(f"{args.input}: the check needs at least two conversations")
+    rows = []
+    for path in args.raters:
+        check_rater(path)
+        tok = data.Tokenizer(path)
+        model = load_model(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        for axis in axes:
+            worse = corrupt(records, axis, args.seed)
+            for name, s in strategies.items():
+                score = partial(expected_scores, model, tok, axis=axis, description=axes[axis], strategy=s,
+                                max_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
+                pairs = [(a, b) for a, b, r, w in zip(score(records=records), score(records=worse), records, worse)
+                         if a is not None and b is not None and r["response"] != w["response"]]
+                a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+                value, n = auc(a, b), len(pairs)
+                # Hanley & McNeil's standard error at AUC 0.5, as a yardstick for "no signal"
+                half = 1.96 * ((n + n + 1) / (12 * n * n)) ** 0.5 if n else None
+                rows.append({"rater": rater_name(path), "axis": axis, "prompt": name, "n": n, "auc": value,
+                             "half_width_at_chance": half, "mean_real": sum(a) / n if n else None,
+                             "mean_corrupted": sum(b) / n if n else None})
+                print(f"  {rows[-1]['rater']} {axis:18} {name:16} AUC {value:.2f} (chance 0.50 +- {half:.2f}), "
+                      f"expected score {rows[-1]['mean_real']:.2f} real vs {rows[-1]['mean_corrupted']:.2f} corrupted",
+                      file=sys.stderr, flush=True)
+        del model
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"n": len(records), "corruption": " ".join(corrupt.__doc__.split()), "rows": rows}, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return rows
+
+
 # ----------------------------------------------------------------------------- rate
 
 def rate(args):
@@ -566,25 +650,30 @@ def summarize(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    summarizing = bool(argv) and argv[0] == "summarize"
-    p = argparse.ArgumentParser(prog="rate.py" + (" summarize" if summarizing else ""),
-                                description=__doc__.split("\n\n")[0])
-    if summarizing:
+    mode = argv[0] if argv and argv[0] in ("summarize", "check") else "rate"
+    p = argparse.ArgumentParser(prog="rate.py" + ("" if mode == "rate" else " " + mode),
+                                description=__doc__.split("\n\n")[0] if mode != "check" else check.__doc__)
+    if mode != "rate":
         argv = argv[1:]
+    if mode == "summarize":
         p.add_argument("--model", required=True, help="instruction checkpoint: a folder with its tokenizer, or a .gguf file")
         p.add_argument("--input", required=True, help="raw ratings file (JSONL)")
         p.add_argument("--out", help="where summaries are appended (default: --input)")
     else:
         p.add_argument("--raters", nargs="+", required=True, help="rater checkpoints: folders with their tokenizer, or .gguf files")
         p.add_argument("--input", required=True, help="conversations (JSONL: id, dataset, context, response)")
-        p.add_argument("--out", required=True, help="raw ratings file (JSONL), appended to and resumed")
+        p.add_argument("--out", required=True, help="check: the JSON report; else the raw ratings file (JSONL), "
+                                                    "appended to and resumed")
         p.add_argument("--axes", default=",".join(data.AXES), help="comma-separated axes to rate")
         p.add_argument("--prompts", default=",".join(STRATEGIES), help="comma-separated prompting strategies")
         p.add_argument("--prompts-file", help="JSON file of extra prompting strategies")
+    if mode == "rate":
         p.add_argument("--samples", type=int, default=1, help="answers per rater and strategy (needs --temperature)")
+    if mode == "check":
+        p.add_argument("--n", type=int, default=40, help="conversations checked (the first n of --input)")
     p.add_argument("--axes-file", help="JSON {axis: description} for axes beyond the built-in three")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-new-tokens", type=int, default=SUMMARY_TOKENS if summarizing else MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=SUMMARY_TOKENS if mode == "summarize" else MAX_NEW_TOKENS)
     p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS)
     p.add_argument("--explanation-start", default=EXPLANATION_START,
                    help="the explanation's prefilled first words ('' for none)")
@@ -597,7 +686,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, else bfloat16")
     args = p.parse_args(argv)
     try:
-        return summarize(args) if summarizing else rate(args)
+        return {"rate": rate, "summarize": summarize, "check": check}[mode](args)
     except (RateError, ModelError, data.DataError, data.TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -88,6 +88,7 @@ class Size:
     rate_new_tokens: int = 48   # the explanation of a sentence or two (the score is read, not generated)
     rate_prompt_tokens: int = 384  # longer rating prompts lose their oldest turns
     summary_new_tokens: int = 64
+    check_n: int = 20           # conversations of the rater check (real vs corrupted response, score only)
     seed: int = 0               # the conversation sample, the demo corpus and the rater's sampling
     device: str = "auto"        # train.py / eval.py / analysis.py device
 
@@ -96,11 +97,11 @@ SIZES = {
     "smoke": Size("smoke", conversations=8, samples=1, demo_per_dataset=4, seeds=(0, 1), steps=2,
                   batch_size=4, micro_batch=4, max_len=256, analysis_n=4, rater="smoke", student="smoke",
                   lr=1e-3, rank=4, rate_new_tokens=20, rate_prompt_tokens=512, summary_new_tokens=20),
-    "quick": Size("quick", conversations=4, samples=2, demo_per_dataset=3, seeds=(0,), steps=2,
-                  batch_size=4, micro_batch=4, max_len=160, analysis_n=4, rate_prompt_tokens=320),
-    "default": Size("default", conversations=30, samples=2, demo_per_dataset=8, seeds=(0, 1, 2), steps=4,
-                    batch_size=8, micro_batch=4, max_len=224, analysis_n=12, rate_prompt_tokens=256,
-                    rate_new_tokens=40),
+    "quick": Size("quick", conversations=3, samples=2, demo_per_dataset=3, seeds=(0,), steps=2,
+                  batch_size=4, micro_batch=4, max_len=160, analysis_n=4, rate_prompt_tokens=320, check_n=3),
+    "default": Size("default", conversations=16, samples=2, demo_per_dataset=6, seeds=(0, 1, 2), steps=4,
+                    batch_size=8, micro_batch=8, max_len=160, analysis_n=8, lr=1e-3, rate_prompt_tokens=384,
+                    rate_new_tokens=32, summary_new_tokens=48, check_n=10),
     "paper": Size("paper", conversations=None, samples=3, demo_per_dataset=150, seeds=(0, 1, 2), steps=0,
                   batch_size=16, micro_batch=8, max_len=512, analysis_n=500, checkpointing=True,
                   rate_batch=64, rate_prompt_tokens=1024, rate_new_tokens=96, summary_new_tokens=128,
@@ -112,13 +113,13 @@ COLLAPSE = 0.8  # warn when one label holds more than this share of an axis
 CHITCHAT_CONVERSATIONS = 4017  # of the package's 7,168, those with two turns or more
 
 # Speeds for the time estimates, measured on the 2-core CPU development machine (AMD EPYC, torch
-# 2.13 CPU): SmolLM2 LoRA training ~150-200 tokens/s, a forward pass ~500 tokens/s, rating ~60 a
-# minute at batch 16 with 200-token prompts and 40 new tokens; "smoke" from its own runs. A rating
-# is assumed to cost (prompt + 3 x new tokens) / 320 of that minute's 60th. No GPU speeds: unmeasured.
-# (A check with batch 8, ~260-token prompts and 48 new tokens, on the machine at load average 3-4,
-# took 50-70 s per batch: rating may run 2-3x slower than planned here when the CPU is shared.)
+# 2.13 CPU, quiet): SmolLM2 LoRA training ~130 tokens/s (batch 8 x ~130 tokens), a scoring forward
+# ~230 tokens/s (80 prompts of ~250 tokens in ~90 s), 48 ratings of ~380-token prompts with 32 new
+# tokens in 110 s at batch 16 (2.3 s each: the prompt is read twice, for the score and for the
+# explanation). A rating is assumed to cost rating_s x (prompt + 3 x new tokens) / 320 seconds.
+# "smoke" from its own runs. No GPU speeds: unmeasured.
 SPEED = {
-    "smollm2": {"load_s": 4.0, "train_tok_s": 175.0, "forward_tok_s": 500.0, "rating_s": 1.0, "run_s": 2.0},
+    "smollm2": {"load_s": 1.5, "train_tok_s": 130.0, "forward_tok_s": 230.0, "rating_s": 1.5, "run_s": 2.0},
     "smoke": {"load_s": 0.02, "train_tok_s": 10000.0, "forward_tok_s": 50000.0, "rating_s": 0.015, "run_s": 0.15},
 }
 TOKENS = {"chitchat": 420, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
@@ -270,7 +271,9 @@ def estimate(size, labels=None):
         summary = min(size.rate_prompt_tokens, TOKENS["rubric"] + TOKENS["chitchat"]
                       + 4 * size.samples * TOKENS["rated_explanation"])
         n_ratings = n_conv * len(data.AXES) * len(rate.STRATEGIES) * size.samples
-        est["ratings"] = (2 * rater["load_s"] + n_ratings * gen(prompt, size.rate_new_tokens)
+        n_check = 2 * min(size.check_n, n_conv) * len(data.AXES) * len(rate.STRATEGIES)  # forwards, no generation
+        est["ratings"] = (3 * rater["load_s"] + n_check * prompt / rater["forward_tok_s"]
+                          + n_ratings * gen(prompt, size.rate_new_tokens)
                           + n_conv * len(data.AXES) * gen(summary, size.summary_new_tokens))
     else:
         est["ratings"] = None
@@ -412,6 +415,7 @@ class Study:
             "settings": "settings.json", "log": "study.log.jsonl", "conversations": "conversations.jsonl",
             "demo": "demo", "models": "models", "models.json": "models.json", "raw": "raw.jsonl",
             "chitchat": "chitchat-train.jsonl", "report": "aggregation.txt", "labels": "labels.json",
+            "check": "rater_check.json",
             "study": "study.json"}.items()}
 
     # -- bookkeeping
@@ -552,6 +556,13 @@ class Study:
             return
         s, rater = self.size, self.model_paths["rater"]
         gen = ["--batch-size", str(s.rate_batch), "--max-prompt-tokens", str(s.rate_prompt_tokens), "--seed", str(s.seed)]
+        if not _json_ok(self.p["check"]):  # does the rater's score see the response at all? (written first)
+            print(f"  rater check: {min(s.check_n, self.n_conversations())} conversations, each response against "
+                  "a copy made worse on the axis")
+            _cli(rate.main, ["check", "--raters", rater, "--input", self.p["conversations"], "--out", self.p["check"],
+                             "--axes", ",".join(data.AXES), "--prompts", ",".join(rate.STRATEGIES),
+                             "--n", str(s.check_n), *gen], "rate.py check")
+            self.log("ratings", "unit", "checked")
         _cli(rate.main, ["--raters", rater, "--input", self.p["conversations"], "--out", self.p["raw"],
                          "--axes", ",".join(data.AXES), "--prompts", ",".join(rate.STRATEGIES),
                          "--samples", str(s.samples), "--temperature", str(s.temperature),
@@ -567,12 +578,19 @@ class Study:
         if rep["failed"] > rep["valid"]:
             warnings.append(f"WARNING: most ratings failed ({rep['failed']} of {rep['valid'] + rep['failed']}): "
                             "the rater wrote no usable explanation (see the errors in raw.jsonl)")
-        text = data.format_report(rep) + "\n\n" + format_distribution(dist) + "".join(f"\n{w}" for w in warnings)
+        check, blind = format_check(self.p["check"])
+        warnings += blind
+        text = (data.format_report(rep) + "\n\n" + format_distribution(dist) + "\n\n" + check
+                + "".join(f"\n{w}" for w in warnings))
         write_text(text + "\n", self.p["report"])
         write_json({"distribution": dist, "warnings": warnings}, self.p["labels"])
         _replace_file(lambda tmp: data.write_jsonl(records, tmp), final)  # last: it marks the stage done
         print("  " + text.replace("\n", "\n  "))
         self.finish("ratings", f"{len(records)} records")
+
+    def n_conversations(self):
+        with open(self.p["conversations"]) as f:
+            return sum(1 for line in f if line.strip())
 
     def corpus_paths(self):
         return {"chitchat": self.p["chitchat"], "demo": os.path.join(self.p["demo"], "train.jsonl")}
@@ -660,7 +678,7 @@ class Study:
                     if os.path.exists(src):
                         copy_file(src, os.path.join(dst, name))
         for key, name in (("chitchat", "chitchat-train.jsonl"), ("report", "aggregation.txt"),
-                          ("labels", "labels.json"), ("study", "study.json")):
+                          ("labels", "labels.json"), ("check", "rater_check.json"), ("study", "study.json")):
             if os.path.exists(self.p[key]):
                 copy_file(self.p[key], os.path.join(self.results, name))
         for c in CORPORA:
@@ -699,6 +717,24 @@ def format_distribution(dist):
     lines = [f"label distribution per axis ({'/'.join(str(k) for k in range(1, 6))}):"]
     lines += [f"  {axis:18} " + " ".join(f"{c[str(k)]:5}" for k in range(1, 6)) for axis, c in dist.items()]
     return "\n".join(lines)
+
+
+def format_check(path):
+    """The rater check as text, and a warning when no strategy's AUC on an axis is outside chance."""
+    if not _json_ok(path):
+        return "rater check: not run", []
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    lines = ["rater check (AUC of the expected score, real response vs a copy made worse on the axis; "
+             "0.5 = blind):"]
+    lines += [f"  {r['axis']:18} {r['prompt']:16} {r['auc']:.2f} (chance +- {r['half_width_at_chance']:.2f}, "
+              f"n {r['n']})" for r in rows if r["auc"] is not None]
+    warnings = [f"WARNING: on {axis} no strategy's score tells a response from its worsened copy better than "
+                "chance: the labels of this axis carry no measured signal about the response"
+                for axis in dict.fromkeys(r["axis"] for r in rows)
+                if not any(r["auc"] is not None and r["auc"] - 0.5 > r["half_width_at_chance"]
+                           for r in rows if r["axis"] == axis)]
+    return "\n".join(lines), warnings
 
 
 def machine():

@@ -446,3 +446,55 @@ def test_prompts_longer_than_the_limit_drop_old_turns_then_fail(raters):
     shorter = rate.fit_prompt(tok, c, "naturalness", "d", rate.STRATEGIES["scale4"], len(full) - 1)
     assert shorter is not None and len(shorter) < len(full)
     assert rate.fit_prompt(tok, c, "naturalness", "d", rate.STRATEGIES["scale4"], 10) is None
+
+
+# ----------------------------------------------------------------------------- rate.py check
+
+def test_corruptions_make_each_axis_worse_by_construction():
+    recs = [dict(c, response=f"{c['response']} extra words here") for c in CONVERSATIONS]
+    swapped = rate.corrupt(recs, "on_topic")
+    assert [r["response"] for r in swapped] == [recs[(i + 2) % 4]["response"] for i in range(4)]
+    shuffled = rate.corrupt(recs, "naturalness", seed=1)
+    assert all(sorted(a["response"].split()) == sorted(b["response"].split()) for a, b in zip(recs, shuffled))
+    assert any(a["response"] != b["response"] for a, b in zip(recs, shuffled))
+    assert [r["response"] for r in rate.corrupt(recs, "comprehensiveness")] == \
+        [" ".join(r["response"].split()[:2]) for r in recs]
+    assert [r["context"] for r in swapped] == [r["context"] for r in recs]  # only the response changes
+
+
+def test_auc_counts_pairs_and_ties():
+    assert rate.auc([3, 4], [1, 2]) == 1.0
+    assert rate.auc([1, 2], [3, 4]) == 0.0
+    assert rate.auc([2, 2], [2, 2]) == 0.5
+    assert rate.auc([1, 3], [2]) == 0.5
+
+
+def test_expected_score_is_the_mean_of_the_digit_distribution(raters):
+    model, tok = M.load_model(raters[0]), data.Tokenizer(raters[0])
+    for name in ("scale4", "scale5-examples"):
+        s = rate.STRATEGIES[name]
+        got = rate.expected_scores(model, tok, CONVERSATIONS, "on_topic", data.AXES["on_topic"], s, 2048, 3)
+        for c, g in zip(CONVERSATIONS, got):
+            p = torch.softmax(reference_digit_logits(model, tok, c, "on_topic", s).double(), -1)
+            assert g == pytest.approx(float(p @ torch.arange(1, s["scale"] + 1).double()), abs=1e-5)
+
+
+def test_check_scores_real_against_corrupted(raters, conversations, tmp_path, monkeypatch):
+    """A rater that scores every original response 4 and every corrupted one 2 gets AUC 1 on each axis
+    and strategy; the report names them all."""
+    originals = {c["response"] for c in CONVERSATIONS}
+    monkeypatch.setattr(rate, "expected_scores", lambda model, tok, records, **kw:
+                        [4.0 if r["response"] in originals and r["response"] == c["response"] else 2.0
+                         for r, c in zip(records, CONVERSATIONS)])
+    out = tmp_path / "check.json"
+    rate.main(["check", "--raters", raters[0], "--input", conversations, "--out", str(out), "--axes", ",".join(AXES)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["axis"], r["prompt"]) for r in rows} == {(a, p) for a in AXES for p in STRATEGIES}
+    assert all(r["auc"] == 1.0 and r["n"] == 4 and r["mean_real"] == 4.0 for r in rows)
+
+
+def test_check_bad_input_is_one_line(raters, conversations, tmp_path, capsys):
+    expect_error(capsys, ["check", "--raters", raters[0], "--input", conversations, "--out",
+                          str(tmp_path / "c.json"), "--n", "1"], "--n 1")
+    expect_error(capsys, ["check", "--raters", raters[0], "--input", str(tmp_path / "nope.jsonl"), "--out",
+                          str(tmp_path / "c.json")], "no such file")

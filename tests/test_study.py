@@ -12,6 +12,8 @@ from dataclasses import replace
 
 import pytest
 
+import data
+import rate
 import study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +94,11 @@ def test_smoke_end_to_end(tmp_path, capsys):
     assert "===== chitchat: variants x seeds" in text and "===== demo: variants x seeds" in text
     assert "Against label-only" in text and "label (2 seeds)" in text
     assert "label distribution per axis" in open(os.path.join(results, "aggregation.txt")).read()
+    with open(os.path.join(results, "rater_check.json")) as f:  # every axis x strategy, real vs worsened
+        check = json.load(f)
+    assert {(r["axis"], r["prompt"]) for r in check["rows"]} == {(a, p) for a in data.AXES for p in rate.STRATEGIES}
+    assert all(r["n"] >= 2 for r in check["rows"])
+    assert "rater check (AUC" in open(os.path.join(results, "aggregation.txt")).read()
     check_finished(out, results)
     assert seconds < 120, f"the smoke study took {seconds:.0f} s"
     with capsys.disabled():
