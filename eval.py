@@ -589,10 +589,19 @@ def main(argv=None):
             p.add_argument("--split", default="test", help="the split the runs were scored on")
             p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
             p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+            p.add_argument("--allow-unfinished", action="store_true",
+                           help="include runs with no done.json yet (scored on their latest checkpoint)")
             a = p.parse_args(argv[1:])
             runs = [r for r in a.runs if os.path.exists(os.path.join(r, "train_config.json"))]
             for r in sorted(set(a.runs) - set(runs)):
                 print(f"skipping {r}: not a run folder")
+            unfinished = [r for r in runs if not os.path.exists(os.path.join(r, "done.json"))]
+            if unfinished and not a.allow_unfinished:
+                for r in unfinished:
+                    print(f"skipping {r}: unfinished (no done.json); --allow-unfinished includes it")
+                runs = [r for r in runs if r not in unfinished]
+            if not runs:
+                raise EvalError("no finished run folder among the arguments")
             compare(runs, a.out, a.split, a.n_boot, a.seed)
             return
         p = argparse.ArgumentParser("eval.py", description=doc[0] + "\n\n" + doc[-1], formatter_class=fmt)

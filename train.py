@@ -185,14 +185,19 @@ def save_checkpoint(out, name, model, state, cfg):
     training state. The old folder is moved aside before the new one takes its name, then removed."""
     final, tmp, old = (os.path.join(out, name + s) for s in ("", ".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if cfg.full:
-        save_model(model, tmp)
-        shutil.copy(os.path.join(cfg.model, "tokenizer.model"), tmp)
-    else:
-        lora.save_adapter(model, tmp, base_model_name=os.path.abspath(cfg.model))
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "state.pt"))
+    try:
+        os.makedirs(tmp)
+        if cfg.full:
+            save_model(model, tmp)
+            shutil.copy(os.path.join(cfg.model, "tokenizer.model"), tmp)
+        else:
+            lora.save_adapter(model, tmp, base_model_name=os.path.abspath(cfg.model))
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except OSError as e:  # disk full, read-only: the checkpoint already under `name` is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{final} from before is intact" if os.path.exists(final) else f"nothing was saved under {final}"
+        raise TrainError(f"{tmp}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -417,6 +422,8 @@ def check_options(cfg, world):
             raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.steps < 0:
         raise TrainError(f"--steps must be positive (or 0: as many as --epochs gives), got {cfg.steps}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise TrainError(f"--out {cfg.out} is a file, not a run folder")
     if cfg.batch_size < world:
         raise TrainError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
 
@@ -603,8 +610,12 @@ def run(cfg, loss_hook=None):
 
         def record(row):
             if master:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                try:
+                    with open(metrics, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                except OSError as e:  # disk full: the checkpoints on disk stay as they are
+                    raise TrainError(f"{metrics}: cannot append ({e.strerror or e}); the checkpoints in "
+                                     f"{cfg.out} are intact, continue with --resume once there is room") from None
 
         train_model.train()
         batches, t0, tokens_seen, losses, last_val, first_step = {}, time.time(), 0, [], None, step

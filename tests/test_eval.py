@@ -226,6 +226,8 @@ def write_fake_predictions(root, variant, seed, n_correct, n_items=10, drop=0):
     os.makedirs(os.path.join(run, "eval-test"))
     with open(os.path.join(run, "train_config.json"), "w") as f:
         json.dump({"variant": variant, "seed": seed, "order": "rating_first"}, f)
+    with open(os.path.join(run, "done.json"), "w") as f:
+        json.dump({"step": 1}, f)
     rows = []
     for k, (d, a) in enumerate(SETTINGS):
         right = n_correct[k] if isinstance(n_correct, list) else n_correct
@@ -422,3 +424,20 @@ def test_eval_run_refuses_an_unfinished_run(demo, tmp_path, capsys):
         json.dump({"step": 2}, f)
     ev.main(["--run", run])
     assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_skips_unfinished_runs_unless_allowed(grid, tmp_path, capsys):
+    _, runs = grid
+    os.remove(os.path.join(runs[1], "done.json"))  # explanation-s0 still training
+    ev.main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--n-boot", "50"])
+    out = capsys.readouterr().out
+    assert f"skipping {runs[1]}: unfinished (no done.json)" in out
+    table = json.load(open(tmp_path / "cmp" / "compare.json"))
+    ev.main(["compare", *runs, "--out", str(tmp_path / "cmp2"), "--n-boot", "50", "--allow-unfinished"])
+    assert "skipping" not in capsys.readouterr().out
+    assert json.load(open(tmp_path / "cmp2" / "compare.json")) != table  # the run counts again
+    for r in runs[:1] + runs[2:]:
+        os.remove(os.path.join(r, "done.json"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["compare", *runs, "--out", str(tmp_path / "cmp3")])
+    assert e.value.code == 2 and "no finished run folder" in capsys.readouterr().err

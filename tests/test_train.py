@@ -463,3 +463,35 @@ def test_custom_axis_run_scores_and_analyses(setup, tmp_path):
     m = ev.score_run(str(tmp_path / "run"))
     assert list(m["settings"]) == ["kw/politeness"]
     assert analysis.analyse([str(tmp_path / "run")], str(tmp_path / "an"), n=2) is not None
+
+
+def test_disk_full_names_the_path_keeps_last_and_resumes(setup, tmp_path, monkeypatch):
+    """A checkpoint write that fails (ENOSPC at the second save) is one error naming the folder; the
+    first checkpoint stays intact, no half-written folder is left, and --resume finishes the run."""
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(train.TrainError) as e:
+        train.run(config(setup, out, steps=6))
+    assert "last.tmp: cannot write the checkpoint (No space left on device)" in str(e.value)
+    assert "last from before is intact" in str(e.value)
+    assert not (out / "last.tmp").exists()
+    assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    train.run(config(setup, out, steps=6, resume=True))
+    assert json.load(open(out / "done.json"))["step"] == 6
+
+
+def test_out_that_is_a_file_is_one_line(setup, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    r = subprocess.run(_cli(setup, out, "--steps", "2"), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: --out {out} is a file, not a run folder"
+    assert out.read_text() == "keep me"
