@@ -178,14 +178,8 @@ def measure_batch(model, batch, rating_ids):
 # ----------------------------------------------------------------------------- runs
 
 def load_run(run_dir, checkpoint="best", device="auto"):
-    """(model, tokenizer, device, train config) of a run folder: its base model plus the adapter in
-    run_dir/<checkpoint> (best/, or last/ when the run had no validation split)."""
-    cfg = evaluate.read_run_config(run_dir)
-    if cfg.get("full"):
-        raise AnalysisError(f"{run_dir}: a full (pretraining) run has no rating to analyse")
-    ckpt = evaluate.run_checkpoint(run_dir, checkpoint)
-    model, tok, device = evaluate.load_scorer(cfg["model"], ckpt, device, cfg.get("quantize"))
-    return model, tok, device, cfg
+    """(model, tokenizer, device, train config) of a run folder, opened as eval.py opens it."""
+    return evaluate.open_run(run_dir, checkpoint, device)[:4]
 
 
 def run_examples(cfg, tok, split="test", n=None):

@@ -2,7 +2,7 @@ r"""data.py: everything between rating data and the token ids a model trains on.
 
 In the order the data flows:
   (Tokenizer            in tokenizer.py: SentencePiece and byte-level BPE, from files or GGUF, chat formats)
-  import_conversations  the paper's six datasets, from their public files -> conversations (rate.py's input)
+  (import_conversations in importers.py: the public datasets' files -> conversations, rate.py's input)
   aggregate             the paper's ensemble step: 12 ratings per item and axis -> one label and explanation
   load_records          training records (JSONL or CSV), validated; bad input is one line naming
                         file, line and field: "train.jsonl:7: field 'label': must be an integer 1-5, got 7"
@@ -10,7 +10,12 @@ In the order the data flows:
                         the decision position; collate() pads a batch and does the one input/target shift
   text_examples         plain text cut into language-model examples (pretraining the demo's base model)
   split_of, batch_indices   hash splits, length-bucketed resumable batches
-  write_demo, train_tokenizer   a synthetic corpus so the whole project runs with no outside data
+  train_tokenizer       a SentencePiece model trained on a text file (the demo's, tests')
+  (write_demo           in demo.py: a synthetic corpus so the whole project runs with no outside data)
+
+Aggregation stays here rather than in rate.py: it is pure bookkeeping over records (rescale,
+average, agree, report), needs no model, and `data.py aggregate` runs on any raw file, the demo's
+simulated raters' included; rate.py is the part that runs models.
 
 Prompt and target. The prompt is the same for every variant. The base template:
   <s>Rate the response's naturalness (fluent, idiomatic and human-sounding) from 1 to 5.\n\n
@@ -39,7 +44,6 @@ Commands:
   python data.py demo -o demo/
 """
 import argparse
-import ast
 import csv
 import functools
 import gzip
@@ -466,180 +470,6 @@ def format_report(rep):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------- importers
-
-def _items(path, key=None):
-    """(where, object or DataError) for each item of a JSON list, a {key: [...]} JSON file or JSONL."""
-    with _open(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, dict) and key in data:
-        data = data[key]
-    if isinstance(data, list):
-        yield from ((f"{path}: item {i}", x) for i, x in enumerate(data))
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", DataError(f"not valid JSON ({e.msg})")
-
-
-# One function per format: a public entry -> conversation records; a malformed entry raises.
-
-def _arena(x, seed):  # {"question_id", "conversation_a"/"_b": [{"role", "content"}, ...], "model_a"/"_b"}
-    out = []
-    for side in "ab":
-        turns = x[f"conversation_{side}"]
-        if not turns or turns[-1]["role"] != "assistant":
-            raise ValueError(f"conversation_{side} must end with an assistant turn")
-        out.append({"id": f"arena-{x['question_id']}-{side}", "dataset": "chatbot-arena", "model": x.get(f"model_{side}"),
-                    "context": [t["content"] for t in turns[:-1]], "response": turns[-1]["content"]})
-    return out
-
-
-def _hh(x, seed):  # {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}: two datasets
-    out = []
-    for part in ("chosen", "rejected"):
-        bits = re.split(r"\n\n(Human|Assistant): ", "\n\n" + x[part].lstrip("\n"))
-        turns = [(who, said.strip()) for who, said in zip(bits[1::2], bits[2::2])]
-        if len(turns) < 2 or turns[-1][0] != "Assistant":
-            raise ValueError(f"{part}: no 'Human:' turn followed by a final 'Assistant:' turn")
-        out.append({"id": f"hh-{part}-{_h(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
-                    "context": [t for _, t in turns[:-1]], "response": turns[-1][1]})
-    return out
-
-
-def _amazonqa(x, seed):  # {"qid"?, "asin", "questionText", "answers": [{"answerText"}], "review_snippets"}
-    q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
-    if not q or not answers:
-        raise ValueError("empty question or no answers")
-    qid = x.get("qid") or f"{x.get('asin', '')}-{_h(q) % 16**8:08x}"
-    return [{"id": f"amazonqa-{qid}", "dataset": "amazonqa", "context": [q], "response": answers[0]}]
-
-
-def _coqa(x, seed):  # {"id", "story", "questions": [{"input_text"}], "answers": [...]}: cut at a hashed turn
-    qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
-    if not qs or len(qs) != len(ans):
-        raise ValueError(f"{len(qs)} questions but {len(ans)} answers")
-    k = _h(seed, x["id"]) % len(qs)
-    turns = [t for qa in zip(qs[:k], ans[:k]) for t in qa] + [qs[k]]
-    turns[0] = f"{x['story'].strip()}\n\n{turns[0]}"
-    return [{"id": f"coqa-{x['id']}-{k + 1}", "dataset": "coqa", "context": turns, "response": ans[k]}]
-
-
-def _cornell(x, seed):  # built by _cornell_entries from the two files
-    return [{"id": f"cornell-{x['movie']}-{x['ids'][0]}", "dataset": "cornell-movie",
-             "context": x["turns"][:-1], "response": x["turns"][-1]}]
-
-
-def _cornell_entries(paths):
-    """movie_lines.txt + movie_conversations.txt (fields separated by ' +++$+++ ', Latin-1) ->
-    (where, {"movie", "ids", "turns"} or an error) per conversation."""
-    files = {os.path.basename(p): p for p in paths}
-    if set(files) != {"movie_lines.txt", "movie_conversations.txt"}:
-        raise DataError("cornell-movie needs the two files movie_lines.txt and movie_conversations.txt")
-    lines = {}
-    with open(files["movie_lines.txt"], encoding="iso-8859-1") as f:
-        for n, row in enumerate(f, 1):
-            fields = row.rstrip("\n").split(" +++$+++ ")
-            if len(fields) != 5:
-                yield f"{files['movie_lines.txt']}:{n}", ValueError(f"expected 5 fields, got {len(fields)}")
-            lines[fields[0]] = fields[-1].strip() if len(fields) == 5 else ""
-    with open(files["movie_conversations.txt"], encoding="iso-8859-1") as f:
-        for n, row in enumerate(f, 1):
-            where, fields = f"{files['movie_conversations.txt']}:{n}", row.rstrip("\n").split(" +++$+++ ")
-            try:
-                ids = ast.literal_eval(fields[3]) if len(fields) == 4 else None
-            except (ValueError, SyntaxError):
-                ids = None
-            if not isinstance(ids, list) or len(ids) < 2:
-                yield where, ValueError("expected 4 fields ending in a list of at least two line ids")
-            elif not all(lines.get(i) for i in ids):
-                yield where, ValueError(f"unknown or empty line id {next(i for i in ids if not lines.get(i))}")
-            else:
-                yield where, {"movie": fields[2], "ids": ids, "turns": [lines[i] for i in ids]}
-
-
-def _chitchat(x, seed):  # built by _chitchat_entries: {"id", "messages": [[{"text", "sender"}, ...], ...]}
-    turns = [" ".join(u["text"].strip() for u in turn if u["text"].strip()) for turn in x["messages"]]
-    turns = [t for t in turns if t]
-    if len(turns) < 2:
-        raise ValueError(f"{len(turns)} non-empty turn(s); a conversation needs a context and a response")
-    k = 1 + _h(seed, x["id"]) % (len(turns) - 1)  # the response: a hashed turn after the first
-    return [{"id": f"chitchat-{x['id']}-{k}", "dataset": "chitchat", "context": turns[:k], "response": turns[k]}]
-
-
-def chitchat_path():
-    """dataset.json of the installed chitchat-dataset package (7,168 human conversations, MIT),
-    found without importing it; None when it is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("chitchat_dataset")
-    return os.path.join(spec.submodule_search_locations[0], "dataset.json") if spec else None
-
-
-def _chitchat_entries(paths):
-    """The Chit Chat Challenge's dataset.json ({conversation id: {"messages": [...]}}) -> entries.
-    A conversation of one person alone (a single turn) cannot be cut, and is reported as such."""
-    for path in paths:
-        try:
-            with _open(path) as f:
-                conversations = json.load(f)
-        except ValueError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(conversations, dict):
-            raise DataError(f"{path}: expected an object of conversations by id (chitchat-dataset's dataset.json)")
-        for cid, conv in conversations.items():
-            yield f"{path}: conversation {cid}", dict(conv, id=cid) if isinstance(conv, dict) else ValueError("not an object")
-
-
-IMPORTERS = {"chatbot-arena": _arena, "hh-rlhf": _hh, "amazonqa": _amazonqa, "coqa": _coqa, "cornell-movie": _cornell,
-             "chitchat": _chitchat}
-
-
-def import_conversations(fmt, paths, *, n=None, seed=0):
-    """Conversation records (id, dataset, context, response) from a public release's own files
-    (JSON, JSONL or .jsonl.gz; Cornell's two text files). Returns (records, problems): each malformed
-    entry is one 'FILE:LINE: ...' (or 'FILE: item N: ...') string, never dropped silently. With n,
-    keep the n records per dataset with the smallest hash(seed, id): a seeded sample that does not
-    depend on file order. Ids are stable: the release's own, or a hash of the text."""
-    if fmt not in IMPORTERS:
-        raise DataError(f"unknown format '{fmt}' (choose from {', '.join(IMPORTERS)})")
-    if not paths and fmt == "chitchat" and chitchat_path():
-        paths = [chitchat_path()]
-    if not paths:
-        raise DataError(f"import {fmt}: name the dataset's file(s)"
-                        + (" (or pip install chitchat-dataset)" if fmt == "chitchat" else ""))
-    entries = (_cornell_entries(paths) if fmt == "cornell-movie" else _chitchat_entries(paths) if fmt == "chitchat"
-               else (e for p in paths for e in _items(p, key="data" if fmt == "coqa" else None)))
-    records, problems, seen = [], [], set()
-    for where, x in entries:
-        try:
-            if isinstance(x, Exception):
-                raise x
-            new = [check_record(r, "conversation") for r in IMPORTERS[fmt](x, seed)]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # DataError is a ValueError
-            problems.append(f"{where}: " + (f"missing field {e}" if isinstance(e, KeyError) else str(e)))
-            continue
-        for r in new:
-            if r["id"] in seen:
-                problems.append(f"{where}: duplicate of an earlier conversation ('{r['id']}'), skipped")
-            else:
-                seen.add(r["id"])
-                records.append(r)
-    if n:
-        keep = set()
-        for ds in {r["dataset"] for r in records}:
-            keep.update(sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: _h(seed, i))[:n])
-        records = [r for r in records if r["id"] in keep]
-    return records, problems
-
-
 # ------------------------------------------------------------------------------ prompts and targets
 
 def format_prompt(record, template="base", axes=None, order="rating_first", keep_turns=None):
@@ -654,14 +484,19 @@ def _cue(order):
     return "Explanation:" if order == "explain_first" else "Rating:"
 
 
+def turn_lines(context):
+    """'User: ...' / 'Assistant: ...' lines of the context turns, labelled backwards from the
+    response, so that the turn it answers is always the User's (rate.py's prompts use them too)."""
+    return [f"{'User' if (len(context) - i) % 2 else 'Assistant'}: {t}" for i, t in enumerate(context)]
+
+
 def _prompt_body(record, axes, keep_turns=None):
     axis = record["axis"]
     if axis not in axes:
         raise DataError(f"record '{record['id']}': no description for axis '{axis}' (use --axes)")
     ctx = record["context"] if keep_turns is None else record["context"][len(record["context"]) - keep_turns:]
-    turns = [f"{'User' if (len(ctx) - i) % 2 else 'Assistant'}: {t}" for i, t in enumerate(ctx)]
     return (f"Rate the response's {axis.replace('_', '-')} ({axes[axis]}) from 1 to 5.\n\n"
-            + "".join(t + "\n" for t in turns) + f"Response: {record['response']}")
+            + "".join(t + "\n" for t in turn_lines(ctx)) + f"Response: {record['response']}")
 
 
 def resolve_template(template, tok):
@@ -858,186 +693,6 @@ def batch_indices(examples, batch_size, seed, epoch):
     return batches
 
 
-# -------------------------------------------------------------------------------------- demo corpus
-# A synthetic stand-in for the paper's data. Each response has four hidden binary cues per axis and
-# its true rating on an axis is 1 + the number of good cues there, so no single word decides it.
-# Simulated raters score it noisily and explain it by naming the cues they noticed, in varied words.
-CUES = {"naturalness": ("fluent", "no_repeat", "human", "complete"),
-        "comprehensiveness": ("detail1", "detail2", "reason", "example"),
-        "on_topic": ("topic", "asked", "focus", "closing")}
-# per topic: "noun:goal" pairs (the goal names the noun), advice, reasons, examples
-TOPICS = {
-    "cooking": ("soup:thicken a soup|bread:bake softer bread|pasta:stop pasta sticking",
-                "stir in flour|simmer it longer|use a heavy pot|salt it at the end",
-                "slow heat builds flavour|starch binds the liquid", "lentil soup thickens fast|my aunt rests her dough"),
-    "gardening": ("roses:keep roses healthy|tomatoes:grow bigger tomatoes|lawn:fix a patchy lawn",
-                  "water in the morning|add compost|cut dead leaves|give them sun",
-                  "roots drink before the heat|compost feeds the soil",
-                  "my neighbour doubled her harvest|old gardeners swear by it"),
-    "travel": ("train:book a cheap train|passport:renew a passport fast|hotel:find a quiet hotel",
-               "book 6 weeks ahead|use the official site|travel midweek|read recent reviews",
-               "prices climb near the date|midweek is less busy", "my Rome ticket was half price|my cousin waited 5 days"),
-    "music": ("guitar:tune a guitar by ear|piano:learn piano faster|song:write a first song",
-              "practise 15 minutes daily|start with the low string|record yourself|learn three chords",
-              "daily practice builds memory|the low string sets the pitch",
-              "most pop songs use four chords|my teacher did this"),
-    "fitness": ("running:start running again|knees:protect sore knees|sleep:sleep better after sport",
-                "walk before you run|stretch for 5 minutes|rest every third day|drink more water",
-                "muscles grow during rest|warm joints bend easily", "I reached 10 kilometres in a month|coaches plan rest days"),
-    "computers": ("laptop:speed up a laptop|photos:back up photos|password:pick a strong password",
-                  "remove unused programs|keep two copies|use a password manager|restart it weekly",
-                  "idle programs still run|one copy is never enough",
-                  "my laptop boots in 30 seconds|a friend lost 3 years of photos"),
-    "pets": ("puppy:teach a puppy to sit|cat:stop a cat scratching|fish:keep a fish tank clean",
-             "reward it at once|offer a scratching post|change some water weekly|keep lessons short",
-             "pets link rewards to actions|cats scratch to mark space", "our puppy learned in 3 days|a post saved my sofa"),
-    "money": ("budget:keep to a budget|savings:build savings|debt:clear a credit card debt",
-              "write down every purchase|save on payday|pay the highest rate first|cancel unused subscriptions",
-              "small costs add up|interest grows fastest on high rates",
-              "I found 40 pounds a month|my sister cleared hers in a year"),
-}
-PHRASES = {  # cue -> (verb phrases when good, when bad); explanations say "The reply <phrases>, but it <phrases>."
-    "fluent": ("reads fluently|has clean grammar", "has broken grammar|makes a grammar mistake"),
-    "no_repeat": ("says each thing once|avoids repetition", "repeats its advice|says the same thing twice"),
-    "human": ("sounds like a real person|has a warm tone", "sounds robotic|opens like a machine"),
-    "complete": ("ends cleanly|finishes its thought", "trails off at the end|stops mid-sentence"),
-    "reason": ("explains why it works|gives a reason", "never says why|gives no reason"),
-    "example": ("includes an example|backs it up with an example", "has no example|lacks a concrete example"),
-    "topic": ("fits the subject|stays on the subject", "drifts to another subject|gives advice on something else"),
-    "asked": ("answers the actual question|addresses what was asked", "mistakes what was asked|answers about the wrong thing"),
-    "focus": ("stays focused|has no digressions", "wanders off on a tangent|adds an unrelated aside"),
-    "closing": ("closes on the question|wraps up on point", "ends with an off-topic question|closes on something unrelated"),
-    "details": ("gives two extra tips|adds several concrete steps", "adds only one extra tip|gives just one more step",
-                "gives no extra detail|stops after a single tip"),  # 2, 1, 0 extra details
-}
-DEMO_SETS = {  # dataset -> (id prefix, probability that each cue is good on each axis)
-    "chatbot-arena": ("arena", (0.6, 0.6, 0.6)), "hh-rlhf-chosen": ("hhc", (0.8, 0.7, 0.8)),
-    "hh-rlhf-rejected": ("hhr", (0.45, 0.35, 0.4)), "amazonqa": ("aqa", (0.65, 0.45, 0.7)),
-    "coqa": ("coqa", (0.7, 0.5, 0.75)), "cornell-movie": ("movie", (0.5, 0.5, 0.45))}
-RATERS = (("sim-titan", 0.35, 0.7, 0.7), ("sim-mixtral", 0.0, 0.5, 0.9), ("sim-mistral", -0.3, 0.8, 0.6))
-PROMPTS = (("scale4", 4, 1.0), ("scale4-examples", 4, 0.7), ("scale5", 5, 1.0), ("scale5-examples", 5, 0.7))
-NAMES = ("Anna", "Ben", "Carla", "Dev", "Elif", "Femi", "Greta", "Hugo")
-
-
-def _pick(rng, choices):
-    return rng.choice(choices.split("|") if isinstance(choices, str) else choices)
-
-
-def _demo_item(rng, dataset, probs):
-    """One conversation with hidden cues: (context, response, cues)."""
-    topic, other, third = rng.sample(sorted(TOPICS), 3)
-    noun, goal = _pick(rng, TOPICS[topic][0]).split(":")
-    cues = {c: rng.random() < p for axis, p in zip(CUES, probs) for c in CUES[axis]}
-    name = rng.choice(NAMES)
-    context = {
-        "chatbot-arena": [f"I have a question about my {noun}.", "Sure, go ahead."] * (rng.random() < 0.5)
-        + [_pick(rng, f"How can I {goal}?|What is the best way to {goal}?|Any tips to {goal}?")],
-        "hh-rlhf-chosen": [_pick(rng, f"I want to {goal}. What should I do?|Can you tell me how to {goal}?")],
-        "amazonqa": [f"Will this kit help me {goal}?"],
-        "coqa": [f"{name} wanted to {goal} and asked a friend.\n\nHow can {name} {goal}?"],
-        "cornell-movie": [f"{name}, I must {goal} tonight.", "Why tonight?", f"Just tell me how to {goal}."],
-    }[dataset.replace("rejected", "chosen")]  # both HH-RLHF sets ask alike; they differ in quality
-    # Every cue but one shows in the text through a few set phrases; 'topic' (advice about another
-    # subject) must be judged against the conversation.
-    src = TOPICS[topic if cues["topic"] else other]  # where the advice comes from
-    advice = rng.sample(src[1].split("|"), 3)
-    wrong = rng.choice([x.split(":")[0] for x in src[0].split("|") if not x.startswith(noun + ":")])
-    grammar = "" if cues["fluent"] else _pick(rng, "you must to |it are good to |you is should ")
-    main = (f"For your {noun}, " if cues["asked"] else f"If you mean your {wrong}, ") + grammar + advice[0] + "."
-    out = [_pick(rng, "Sure!|Good question.|Happy to help.|Oh, nice one." if cues["human"] else
-                 "QUERY RECEIVED.|OUTPUT FOLLOWS.|PROCESSING REQUEST."), main]
-    out += [f"{_pick(rng, 'Also,|Then|Next,')} {a}." for a in advice[1:1 + cues["detail1"] + cues["detail2"]]]
-    if cues["reason"]:
-        out.append(f"{_pick(rng, 'This works because|That helps since')} {_pick(rng, src[2])}.")
-    if cues["example"]:
-        out.append(f"{_pick(rng, 'For example,|For instance,')} {_pick(rng, src[3])}.")
-    if not cues["no_repeat"]:
-        out.append(f"{_pick(rng, 'Again,|As I said,|I repeat,')} {advice[0]}.")
-    other_noun = _pick(rng, TOPICS[third][0]).split(":")[0]
-    if not cues["focus"]:
-        out.append(_pick(rng, [f"By the way, I love {other_noun}.", f"Unrelated, but {other_noun} is my favourite thing."]))
-    out.append(_pick(rng, [f"Good luck with the {noun}!", f"Hope the {noun} works out."] if cues["closing"] else
-                     [f"Anyway, do you like {other_noun}?", f"Have you ever tried {other_noun}?"]))
-    if not cues["complete"]:
-        out.append(_pick(rng, "and then the|so if you|but the the|which is why"))
-    return context, " ".join(out), cues
-
-
-def _demo_explanation(rng, axis, cues, mention=1.0, flip=0.0):
-    """An explanation naming the cues behind a rating, each mentioned with probability `mention`
-    and stated the wrong way round with probability `flip`."""
-    names = [c for c in CUES[axis] if not c.startswith("detail")] + (["details"] if axis == "comprehensiveness" else [])
-    good, bad = [], []
-    for c in rng.sample(names, len(names)):
-        if rng.random() >= mention:
-            continue
-        ok = cues["detail1"] + cues["detail2"] if c == "details" else int(cues[c])
-        ok = (2 - ok if c == "details" else 1 - ok) if rng.random() < flip else ok
-        phrase = _pick(rng, PHRASES[c][::-1][ok] if c == "details" else PHRASES[c][1 - ok])
-        (good if ok == (2 if c == "details" else 1) else bad).append(phrase)
-    join = lambda xs: ", ".join(xs[:-1]) + " and " + xs[-1] if len(xs) > 1 else xs[0]
-    subject = _pick(rng, "The reply|This response|The answer|It")
-    if good and bad:
-        return f"{subject} {join(good)}, but it {join(bad)}."
-    return f"{subject} {join(good or bad or [_pick(rng, 'is hard to judge|is unclear')])}."
-
-
-def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=2000):
-    """Write the demo corpus into out_dir and return the paths: conversations.jsonl (rate.py's
-    input), raw.jsonl (3 simulated raters x 4 prompts x 3 axes, one line per rater and item, plus
-    summaries), train.jsonl (aggregate() of raw.jsonl; split_of() splits it), golden.jsonl (true
-    labels of ~10% of items), corpus.txt (unlabelled text for a tokenizer and a tiny base model) and
-    tokenizer.model (train_tokenizer on corpus.txt). Deterministic for a seed."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = random.Random(_h("demo", seed))
-    convs, golden, summaries = [], [], []
-    raw = [[] for _ in RATERS]  # per rater, one line per item with its 12 ratings
-    for dataset, (prefix, probs) in DEMO_SETS.items():
-        for i in range(n_per_dataset):
-            context, response, cues = _demo_item(rng, dataset, probs)
-            conv = {"id": f"{prefix}-{i:04d}", "dataset": dataset, "context": context, "response": response}
-            convs.append(conv)
-            lines = [{**conv, "ratings": []} for _ in RATERS]
-            for axis, names in CUES.items():
-                truth = 1 + sum(cues[c] for c in names)
-                if _h("golden", conv["id"]) % 10 == 0:
-                    golden.append({"id": conv["id"], "axis": axis, "label": truth})
-                for k, (rater, bias, noise, mention) in enumerate(RATERS):
-                    for prompt, scale, calm in PROMPTS:
-                        v = truth + bias + rng.gauss(0, noise * calm)
-                        score = min(scale, max(1, round(1 + (v - 1) * (scale - 1) / 4)))
-                        r = {"rater": rater, "prompt": prompt, "axis": axis, "scale": scale, "score": score,
-                             "explanation": _demo_explanation(rng, axis, cues, mention, flip=0.05)}
-                        if rng.random() < 0.015:
-                            r.update(score=None, explanation="", error="unparseable reply")
-                        lines[k]["ratings"].append(r)
-            for k, line in enumerate(lines):
-                raw[k].append(line)
-            if rng.random() < 0.9:  # the LLM summary of the 12 explanations: every cue, stated right
-                summaries.append({**conv, "ratings": [], "summaries": {
-                    axis: _demo_explanation(rng, axis, cues) for axis in CUES}})
-    raw = [line for rater_lines in raw for line in rater_lines] + summaries
-    paths = {k: os.path.join(out_dir, f"{k}.jsonl") for k in ("conversations", "raw", "train", "golden")}
-    write_jsonl(convs, paths["conversations"])
-    # rate.py appends one line per rater and item; summaries come last, from 'rate.py summarize'
-    write_jsonl(raw, paths["raw"])
-    write_jsonl(golden, paths["golden"])
-    write_jsonl(aggregate(load_records(paths["raw"], kind="raw"))[0], paths["train"])
-    # unlabelled text: fresh conversations in the prompts' layout, and explanation-style sentences
-    # about no conversation in particular (so the base model knows the words, not the task)
-    paths["corpus"] = os.path.join(out_dir, "corpus.txt")
-    crng = random.Random(_h("corpus", seed))
-    with open(paths["corpus"], "w", encoding="utf-8") as f:
-        for i in range(n_corpus):
-            dataset = crng.choice(sorted(DEMO_SETS))
-            context, response, cues = _demo_item(crng, dataset, DEMO_SETS[dataset][1])
-            rec = {"id": str(i), "axis": crng.choice(sorted(AXES)), "context": context, "response": response}
-            f.write(_prompt_body(rec, AXES) + "\n\n")
-            f.write(_demo_explanation(crng, rec["axis"], {c: crng.random() < 0.5 for c in cues}) + "\n\n")
-    paths["tokenizer"] = train_tokenizer(paths["corpus"], os.path.join(out_dir, "tokenizer"), vocab_size)
-    return paths
-
-
 # ------------------------------------------------------------------------------------- command line
 
 def _preview(args):
@@ -1081,6 +736,7 @@ def _kind(path):
 
 
 def main(argv=None):
+    import importers  # the public datasets' formats (they build on this module)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Commands:")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1098,7 +754,7 @@ def main(argv=None):
     p.add_argument("--golden", help="records (id, axis, label) with trusted labels: prints each method's MAE and MSE")
     p.add_argument("--max-spread", type=float, help="drop items whose rescaled scores' std dev exceeds this")
     p = sub.add_parser("import", help="a public dataset's own files -> conversations.jsonl (input of rate.py)")
-    p.add_argument("format", choices=sorted(IMPORTERS))
+    p.add_argument("format", choices=sorted(importers.IMPORTERS))
     p.add_argument("files", nargs="*", help="the release's files (chitchat: default, the installed package's)")
     p.add_argument("-o", "--out", required=True)
     p.add_argument("--n", type=int, help="keep a seeded sample of N conversations per dataset")
@@ -1141,7 +797,7 @@ def main(argv=None):
         elif args.cmd == "import":
             if args.n is not None and args.n < 1:
                 raise DataError(f"--n must be at least 1, got {args.n}")
-            records, problems = import_conversations(args.format, args.files, n=args.n, seed=args.seed)
+            records, problems = importers.import_conversations(args.format, args.files, n=args.n, seed=args.seed)
             print("\n".join(f"warning: {m}" for m in problems), file=sys.stderr, end="\n" if problems else "")
             if not records:
                 raise DataError(f"import {args.format}: no conversation could be read from {', '.join(args.files) or 'the package'}")
@@ -1150,7 +806,8 @@ def main(argv=None):
         elif args.cmd == "preview":
             _preview(args)
         elif args.cmd == "demo":
-            paths = write_demo(args.out, **_given(seed=args.seed, n_per_dataset=args.n_per_dataset))
+            import demo  # the demo corpus (its module imports torch, for the demo experiment)
+            paths = demo.write_demo(args.out, **_given(seed=args.seed, n_per_dataset=args.n_per_dataset))
             print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
     except (DataError, TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

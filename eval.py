@@ -280,15 +280,23 @@ def run_records(cfg, split):
     return split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"], cfg.get("axes_file") or None)
 
 
-def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
-    """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
-    metrics.json (with the checkpoint's fingerprint) into run_dir/eval-<split>/ and return the metrics."""
+def open_run(run_dir, checkpoint="best", device="auto", quantize=None):
+    """What eval.py, analysis.py and study.py read of a run folder: (model, tokenizer, device,
+    train config, checkpoint folder), the base model with the adapter of run_dir/<checkpoint> (best/,
+    or last/ for a run without a validation split), in 4 bits if the run was (or `quantize` says)."""
     cfg = read_run_config(run_dir)
     if cfg.get("full"):
         raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
                         f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
     ckpt = run_checkpoint(run_dir, checkpoint)
     model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize)
+    return model, tok, device, cfg, ckpt
+
+
+def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
+    """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
+    metrics.json (with the checkpoint's fingerprint) into run_dir/eval-<split>/ and return the metrics."""
+    model, tok, device, cfg, ckpt = open_run(run_dir, checkpoint, device, quantize)
     records = run_records(cfg, split)
     order = cfg["order"] if cfg["variant"] != "label" else "rating_first"  # as data.build_examples trains it
     rows, metrics = evaluate(model, tok, records, device, batch_size, order=order,

@@ -29,6 +29,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quant import is_4bit
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model inside a PeftModel
@@ -91,7 +93,7 @@ class LoRALinear(nn.Module):
     def merged_weight(self):
         """W + scaling * B @ A, summed in fp32, in W's dtype; an NF4 base is dequantised first."""
         base = self.base_layer
-        w = base.dequantize() if hasattr(base, "dequantize") else base.weight.detach()
+        w = base.dequantize() if is_4bit(base) else base.weight.detach()
         delta = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in) -> (out, in)
         return (w.float() + self.scaling * delta).to(w.dtype)
 
@@ -100,8 +102,7 @@ class LoRALinear(nn.Module):
 
 
 def _is_linear(module):
-    return isinstance(module, nn.Linear) or all(
-        hasattr(module, a) for a in ("in_features", "out_features", "dequantize"))
+    return isinstance(module, nn.Linear) or is_4bit(module)
 
 
 def _matches(name, targets):

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gguf_file
 from gguf_file import GGUFError
+from quant import NF4Linear, is_4bit
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -320,7 +321,7 @@ class Transformer(nn.Module):
         """Parameters of the model, counting a 4-bit layer's weight as in x out (it holds no Parameter)."""
         n = sum(p.numel() for p in self.parameters())
         return n + sum(m.in_features * m.out_features for m in self.modules()
-                       if not isinstance(m, nn.Linear) and hasattr(m, "dequantize") and hasattr(m, "codes"))
+                       if is_4bit(m))
 
 
 # ----------------------------------------------------------------------------- loading and saving
@@ -464,7 +465,6 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
             raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {expected[key]}")
         t = read()
         if quantize and key.endswith("_proj.weight"):
-            from quant import NF4Linear
             # cast first, then quantise on the target device: the codes match bitsandbytes'
             layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device,
                                           double_quant=quantize == "nf4-dq")
@@ -497,7 +497,7 @@ def save_model(model, path, max_shard_size="2GB"):
     `transformers` and `load_model` both read. LoRA must be merged first (`lora.merge_lora`)."""
     from safetensors.torch import save_file
 
-    if any(not isinstance(m, nn.Linear) and hasattr(m, "dequantize") or hasattr(m, "lora_A") for m in model.modules()):
+    if any(is_4bit(m) or hasattr(m, "lora_A") for m in model.modules()):
         raise ModelError("save_model needs plain weights: merge LoRA (lora.merge_lora) and 4-bit layers first")
     state = model.state_dict()
     if model.config.tie_word_embeddings:

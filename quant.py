@@ -210,3 +210,11 @@ class NF4Linear(nn.Module):
         dq = ", double_quant=True" if self.double_quant else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, nf4{dq}")
+
+
+def is_4bit(module):
+    """The one test for "a frozen 4-bit base layer" (it holds codes, not a weight Parameter), used by
+    model.py (parameter counts, save_model) and lora.py (wrapping, merging): NF4Linear, or any layer
+    that, like it, is not an nn.Linear but has in_features, out_features and dequantize()."""
+    return isinstance(module, NF4Linear) or (not isinstance(module, nn.Linear) and all(
+        hasattr(module, a) for a in ("in_features", "out_features", "dequantize")))

@@ -148,8 +148,7 @@ def strategy_examples(strategy, axis):
 def conversation_text(context, response):
     """Turns labelled as data.py labels them: backwards from the response, so the turn it answers is 'User'."""
     context = [context] if isinstance(context, str) else context
-    turns = [f"{'User' if (len(context) - i) % 2 else 'Assistant'}: {t}\n" for i, t in enumerate(context)]
-    return "Conversation:\n" + "".join(turns) + f"Response to rate: {response}"
+    return "Conversation:\n" + "".join(t + "\n" for t in data.turn_lines(context)) + f"Response to rate: {response}"
 
 
 def answer_text(score, explanation):

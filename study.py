@@ -8,9 +8,9 @@
     python study.py --quick --labels results/default/chitchat-train.jsonl   # start from labelled data
 
 Stages, each skipped when its output is complete (so a killed study continues where it stopped):
-  1 conversations  data.import_conversations("chitchat"): real human chit-chat, cut at a hashed turn
+  1 conversations  importers.import_conversations("chitchat"): real human chit-chat, cut at a hashed turn
                    -> conversations.jsonl
-  2 corpus         data.write_demo: the controlled corpus (explanations name the cues that set each
+  2 corpus         demo.write_demo: the controlled corpus (explanations name the cues that set each
                    label), a sample of it -> demo/
   3 models         the rater and the student: SmolLM2's GGUF (model.smollm2_path()), or for --smoke a
                    tokenizer, a scripted tiny rater and a tiny random student built here -> models/
@@ -55,6 +55,8 @@ import torch
 
 import analysis
 import data
+import demo
+import importers
 import eval as evaluate
 import lora
 import rate
@@ -492,7 +494,7 @@ class Study:
         if not self.stage("conversations", f"--labels {self.labels}" if self.labels else path,
                           self.labels or os.path.exists(path)):
             return
-        records, problems = data.import_conversations("chitchat", [], n=self.size.conversations, seed=self.size.seed)
+        records, problems = importers.import_conversations("chitchat", [], n=self.size.conversations, seed=self.size.seed)
         if not records:
             raise StudyError("no chit-chat conversations (pip install chitchat-dataset)")
         _replace_file(lambda tmp: data.write_jsonl(records, tmp), path)
@@ -504,7 +506,7 @@ class Study:
         path = self.p["demo"]
         if not self.stage("corpus", path, os.path.isdir(path)):
             return
-        build_dir(path, lambda tmp: data.write_demo(tmp, seed=self.size.seed, n_per_dataset=self.size.demo_per_dataset,
+        build_dir(path, lambda tmp: demo.write_demo(tmp, seed=self.size.seed, n_per_dataset=self.size.demo_per_dataset,
                                                      n_corpus=max(200, 20 * self.size.demo_per_dataset)))
         n = sum(1 for _ in open(os.path.join(path, "train.jsonl")))
         print(f"  demo corpus: {n} labelled records -> {path}/train.jsonl")

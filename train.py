@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import data
 import lora
 from eval import rating_logits
-from model import DTYPES, Config, ModelError, Transformer, load_config, load_model, save_model
+from model import DTYPES, ModelError, Transformer, load_config, load_model, save_model
 
 
 @dataclass
@@ -707,7 +707,7 @@ def keep_metrics_until(path, step):
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
-# ----------------------------------------------------------------------------- grid and demo
+# ----------------------------------------------------------------------------- grid
 
 def grid(cfg, variants, seeds):
     """Every variant x seed into cfg.out/<variant>-s<seed>, skipping runs already finished."""
@@ -721,53 +721,12 @@ def grid(cfg, variants, seeds):
             run(replace(cfg, variant=variant, seed=seed, out=out, resume=newest_checkpoint(out) is not None))
 
 
-DEMO_BASE = Config(name="demo-tiny", arch="mistral", hidden_size=96, intermediate_size=256, n_layers=3,
-                   n_heads=4, n_kv_heads=2, max_position_embeddings=1024, torch_dtype="float32")
-DEMO_PRETRAIN = dict(full=True, lr=3e-3, warmup=0.05, weight_decay=0.01, batch_size=16, micro_batch=16,
-                     steps=120, max_len=256, checkpointing=False, val_every=120, save_every=120, log_every=40)
-DEMO_LORA = dict(rank=16, alpha=32, lora_dropout=0.0, lr=3e-3, steps=400, batch_size=16, micro_batch=16,
-                 max_len=256, checkpointing=False, val_every=200, save_every=200, log_every=100)
-
-
-def demo(out="runs/demo", seed=0):
-    """The whole experiment in miniature: corpus, tokenizer, a tiny base model, two LoRA variants."""
-    import eval as evaluate
-
-    t0 = time.time()
-    paths = data.write_demo(os.path.join(out, "data"), seed=seed)
-    base = os.path.join(out, "base")
-    if not os.path.exists(os.path.join(base, "done.json")):
-        init = os.path.join(out, "init")
-        tok_path = paths["tokenizer"]
-        tok = data.Tokenizer(tok_path)
-        torch.manual_seed(seed)
-        model = Transformer(replace(DEMO_BASE, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-        save_model(model, init)
-        shutil.copy(tok_path, os.path.join(init, "tokenizer.model"))
-        print(f"== pretraining a {model.n_params() / 1e6:.1f}M-parameter base model on the demo conversations")
-        run(TrainConfig(model=init, data=paths["corpus"], out=base, overwrite=True, **DEMO_PRETRAIN))
-    results = {}
-    for variant in ("label", "explanation"):
-        run_dir = os.path.join(out, variant)
-        if not os.path.exists(os.path.join(run_dir, "done.json")):
-            print(f"== LoRA training, variant {variant}")
-            run(TrainConfig(model=os.path.join(base, "last"), data=paths["train"], out=run_dir, variant=variant,
-                            seed=seed, overwrite=True, **DEMO_LORA))
-        results[variant] = evaluate.score_run(run_dir, split="test")
-    print(f"\nDemo results on the test split ({time.time() - t0:.0f} s in all):")
-    print(f"{'variant':<13} {'accuracy':>8} {'macro-F1':>8} {'MAE':>6} {'NLL':>6}")
-    for variant, m in results.items():
-        o = m["overall"]
-        print(f"{variant:<13} {o['accuracy']:>8.3f} {o['macro_f1']:>8.3f} {o['mae']:>6.3f} {o['nll']:>6.3f}")
-    return results
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if not argv:
-            demo()
+        if not argv:  # the demo (demo.py), which imports this module by its own name
+            import demo
+            sys.exit(demo.main([]))
         elif argv[0] == "grid":
             p = _parser("train.py grid", "Run variants x seeds into one folder, skipping finished runs.")
             p.add_argument("--variants", default="label,explanation", help="comma-separated variants")

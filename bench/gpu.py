@@ -561,7 +561,7 @@ def random_base(path, tokenizer, smoke, seed=0):
     import torch
     import data
     from model import PRESETS, Transformer, save_model
-    from train import DEMO_BASE
+    from demo import DEMO_BASE
     tok = data.Tokenizer(tokenizer)
     torch.manual_seed(seed)
     shape = replace(PRESETS["tiny"], max_position_embeddings=1024) if smoke else DEMO_BASE
@@ -589,7 +589,7 @@ def run_logged(cmd, log, timeout):
 
 
 def stage_real_run(report, res, limit):
-    import data
+    import demo
     settings = REAL_RUN["smoke" if report.smoke else "full"]
     dev = report.device
     t0 = time.perf_counter()
@@ -597,7 +597,7 @@ def stage_real_run(report, res, limit):
     open(log, "w").close()
     work = tempfile.mkdtemp(prefix="gpu-real-run-")
     try:
-        paths = data.write_demo(os.path.join(work, "data"), **settings["demo"])
+        paths = demo.write_demo(os.path.join(work, "data"), **settings["demo"])
         res["data"] = {"records": sum(1 for _ in open(paths["train"])), "demo_sizes": settings["demo"] or "defaults"}
         gguf, why = smollm2_gguf()
         res["smollm2"] = gguf or why
@@ -605,7 +605,7 @@ def stage_real_run(report, res, limit):
         if gguf and not report.smoke:
             candidates.append(("SmolLM2-135M-Instruct (GGUF)", gguf, 1e-3))
         base, n_params = random_base(os.path.join(work, "base"), paths["tokenizer"], report.smoke)
-        shape = "model.PRESETS['tiny']" if report.smoke else "train.DEMO_BASE"
+        shape = "model.PRESETS['tiny']" if report.smoke else "demo.DEMO_BASE"
         candidates.append((f"random base, {shape} shape ({n_params / 1e6:.2f}M parameters)", base, 3e-3))
         for k, (label, model_path, lr) in enumerate(candidates):
             out = os.path.join(work, f"run{k}")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+from demo import write_demo
 import lora
 import quant as Q
 import train
@@ -166,7 +167,7 @@ def test_fused_adamw_steps_like_unfused():
 def demo_base(tmp_path_factory):
     """A tiny demo corpus (tokenizer and records) and a random base folder that train.py can load."""
     d = tmp_path_factory.mktemp("cuda-demo")
-    paths = data.write_demo(str(d / "data"), n_per_dataset=8, n_corpus=300, vocab_size=500)
+    paths = write_demo(str(d / "data"), n_per_dataset=8, n_corpus=300, vocab_size=500)
     tok = data.Tokenizer(paths["tokenizer"])
     torch.manual_seed(0)
     model = Transformer(replace(PRESETS["tiny"], vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,

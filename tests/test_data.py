@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import data
+from demo import DEMO_SETS, write_demo
+from importers import import_conversations
 from data import IGNORE_INDEX, VARIANTS, DataError, Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return data.write_demo(str(tmp_path_factory.mktemp("demo")), n_per_dataset=12, n_corpus=400, vocab_size=600)
+    return write_demo(str(tmp_path_factory.mktemp("demo")), n_per_dataset=12, n_corpus=400, vocab_size=600)
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +413,7 @@ def test_import_chatbot_arena(tmp_path):
     bad = {**good, "question_id": "q2", "conversation_b": [{"role": "user", "content": "hi"}]}
     path = tmp_path / "arena.json"
     path.write_text(json.dumps([good, bad]), encoding="utf-8")
-    records, problems = data.import_conversations("chatbot-arena", [str(path)])
+    records, problems = import_conversations("chatbot-arena", [str(path)])
     assert [r["id"] for r in records] == ["arena-q1-a", "arena-q1-b"]
     assert records[1]["context"] == ["Wie spät ist es?"] and records[1]["response"] == "Keine Ahnung 🤷"
     assert problems == [f"{path}: item 1: conversation_b must end with an assistant turn"]
@@ -421,7 +423,7 @@ def test_import_hh_rlhf(tmp_path):
     chosen = "\n\nHuman: ¿Qué hora es?\n\nAssistant: Son las doce.\n\nHuman: ¿Seguro?\n\nAssistant: Sí."
     path = write(tmp_path / "train.jsonl", [{"chosen": chosen, "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
                                            "{broken", {"chosen": "no turns here", "rejected": chosen}])
-    records, problems = data.import_conversations("hh-rlhf", [path])
+    records, problems = import_conversations("hh-rlhf", [path])
     assert [r["dataset"] for r in records] == ["hh-rlhf-chosen", "hh-rlhf-rejected"]
     assert records[0]["context"] == ["¿Qué hora es?", "Son las doce.", "¿Seguro?"] and records[0]["response"] == "Sí."
     assert records[0]["id"].startswith("hh-chosen-") and records[1]["id"].startswith("hh-rejected-")
@@ -434,7 +436,7 @@ def test_import_amazonqa(tmp_path):
         {"qid": "7", "asin": "B01", "questionText": "Est-ce étanche ?", "answers": [{"answerText": "Oui, très."}],
          "review_snippets": ["Great"]},
         {"asin": "B02", "questionText": "Does it fit?", "answers": []}])
-    records, problems = data.import_conversations("amazonqa", [path])
+    records, problems = import_conversations("amazonqa", [path])
     assert records == [{"id": "amazonqa-7", "dataset": "amazonqa", "context": ["Est-ce étanche ?"], "response": "Oui, très."}]
     assert problems == [f"{path}:2: empty question or no answers"]
 
@@ -444,7 +446,7 @@ def test_import_coqa(tmp_path):
              {"input_text": "What colour?"}], "answers": [{"input_text": "a bike"}, {"input_text": "red"}]}
     path = tmp_path / "coqa.json"
     path.write_text(json.dumps({"version": "1.0", "data": [story, {**story, "id": "s2", "answers": []}]}), encoding="utf-8")
-    records, problems = data.import_conversations("coqa", [str(path)], seed=0)
+    records, problems = import_conversations("coqa", [str(path)], seed=0)
     (r,) = records
     k = int(r["id"].rsplit("-", 1)[1])  # the cut turn, chosen by hash(seed, story id)
     assert r["response"] == ["a bike", "red"][k - 1] and r["context"][0].startswith("Åsa had a red bike.\n\nWhat did")
@@ -460,7 +462,7 @@ def test_import_cornell_movie(tmp_path):
     (tmp_path / "movie_conversations.txt").write_text("\n".join([
         sep.join(["u0", "u2", "m0", "['L1', 'L2', 'L4']"]), sep.join(["u0", "u2", "m0", "['L1', 'L9']"])]), encoding="latin-1")
     paths = [str(tmp_path / "movie_lines.txt"), str(tmp_path / "movie_conversations.txt")]
-    records, problems = data.import_conversations("cornell-movie", paths)
+    records, problems = import_conversations("cornell-movie", paths)
     assert records == [{"id": "cornell-m0-L1", "dataset": "cornell-movie", "context": ["Tu es allé au café ?", "Non."],
                         "response": "Pourquoi ?"}]
     assert problems == [f"{paths[0]}:3: expected 5 fields, got 2", f"{paths[1]}:2: unknown or empty line id L9"]
@@ -473,20 +475,20 @@ def test_import_chitchat(tmp_path):
              "c2": {"messages": [said("a", "Anyone there?")]}}
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps(convs), encoding="utf-8")
-    records, problems = data.import_conversations("chitchat", [str(path)], seed=0)
+    records, problems = import_conversations("chitchat", [str(path)], seed=0)
     (r,) = records
     k = int(r["id"].rsplit("-", 1)[1])  # the response turn, chosen by hash(seed, conversation id)
     turns = ["Hello How are you?", "Fine!", "Good to hear", "And you?"]  # a turn's messages joined, blanks dropped
     assert 1 <= k <= 3 and r["context"] == turns[:k] and r["response"] == turns[k] and r["dataset"] == "chitchat"
     assert problems == [f"{path}: conversation c2: 1 non-empty turn(s); a conversation needs a context and a response"]
-    ks = {int(data.import_conversations("chitchat", [str(path)], seed=s)[0][0]["id"].rsplit("-", 1)[1]) for s in range(20)}
+    ks = {int(import_conversations("chitchat", [str(path)], seed=s)[0][0]["id"].rsplit("-", 1)[1]) for s in range(20)}
     assert len(ks) > 1  # the cut moves with the seed
 
 
 def test_import_chitchat_from_the_installed_package():
     """With no file named, the chitchat-dataset package's own dataset.json (7,168 conversations, of
     which those of two or more turns can be cut)."""
-    records, problems = data.import_conversations("chitchat", [])
+    records, problems = import_conversations("chitchat", [])
     assert len(records) + len(problems) == 7168 and len(records) > 4000
     assert all(r["context"] and r["response"] for r in records)
     assert len({r["id"] for r in records}) == len(records)
@@ -496,10 +498,10 @@ def test_import_sampling_is_seeded_and_order_free(tmp_path):
     lines = [{"qid": str(i), "questionText": f"q{i}?", "answers": [{"answerText": "a"}]} for i in range(50)]
     a = write(tmp_path / "a.jsonl", lines)
     b = write(tmp_path / "b.jsonl", lines[::-1])
-    pick = lambda p, seed: sorted(r["id"] for r in data.import_conversations("amazonqa", [p], n=10, seed=seed)[0])
+    pick = lambda p, seed: sorted(r["id"] for r in import_conversations("amazonqa", [p], n=10, seed=seed)[0])
     assert pick(a, 0) == pick(b, 0) and len(pick(a, 0)) == 10 and pick(a, 0) != pick(a, 1)
     out = str(tmp_path / "conv.jsonl")  # what rate.py reads
-    data.write_jsonl(data.import_conversations("amazonqa", [a])[0], out)
+    data.write_jsonl(import_conversations("amazonqa", [a])[0], out)
     assert len(data.load_records(out, kind="conversation")) == 50
 
 
@@ -507,10 +509,10 @@ def test_import_sampling_is_seeded_and_order_free(tmp_path):
 
 def test_demo_is_consistent_and_deterministic(demo, demo_records, tmp_path):
     assert len(demo_records) == 6 * 12 * 3
-    assert {(r["dataset"], r["axis"]) for r in demo_records} == {(d, a) for d in data.DEMO_SETS for a in data.AXES}
+    assert {(r["dataset"], r["axis"]) for r in demo_records} == {(d, a) for d in DEMO_SETS for a in data.AXES}
     raw = data.load_records(demo["raw"], kind="raw")
     assert len(raw) > 6 * 12 * 3  # one line per rater and item, plus summary lines: merged by aggregate
-    again = data.write_demo(str(tmp_path), n_per_dataset=12, n_corpus=400, vocab_size=600)
+    again = write_demo(str(tmp_path), n_per_dataset=12, n_corpus=400, vocab_size=600)
     for k in ("train", "raw", "corpus"):
         assert open(again[k], "rb").read() == open(demo[k], "rb").read()
     golden = {(r["id"], r["axis"]): r["label"] for r in data.load_records(demo["golden"], kind="golden")}
@@ -522,7 +524,7 @@ def test_demo_is_consistent_and_deterministic(demo, demo_records, tmp_path):
 
 def test_demo_label_needs_several_cues(tmp_path):
     """Every axis uses all five labels, and no single word of the response fixes the label."""
-    paths = data.write_demo(str(tmp_path), n_per_dataset=60, n_corpus=10, vocab_size=400)
+    paths = write_demo(str(tmp_path), n_per_dataset=60, n_corpus=10, vocab_size=400)
     records = data.load_records(paths["train"])
     for axis in data.AXES:
         mine = [r for r in records if r["axis"] == axis]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+from demo import write_demo
 import eval as ev
 import lora
 from model import Config, Transformer, load_model, save_model
@@ -120,7 +121,7 @@ def full_forward_probs(model, example, rating_ids):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo corpus, small: 144 rated records and a tokenizer trained on its text."""
-    return data.write_demo(str(tmp_path_factory.mktemp("demo")), n_per_dataset=8, n_corpus=300, vocab_size=500)
+    return write_demo(str(tmp_path_factory.mktemp("demo")), n_per_dataset=8, n_corpus=300, vocab_size=500)
 
 
 @pytest.mark.parametrize("which", ["mistral_v1", "demo"])

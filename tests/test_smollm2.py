@@ -9,6 +9,7 @@ import torch
 
 import analysis
 import data
+from demo import write_demo
 import eval as ev
 import lora
 import rate
@@ -24,7 +25,7 @@ PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 953
 def smol_run(smollm2_gguf, tmp_path_factory):
     """Two LoRA steps of the explanation variant on a small demo corpus, SmolLM2 as the base."""
     d = tmp_path_factory.mktemp("smol")
-    demo = data.write_demo(str(d / "demo"), n_per_dataset=3, n_corpus=60, vocab_size=500)
+    demo = write_demo(str(d / "demo"), n_per_dataset=3, n_corpus=60, vocab_size=500)
     cfg = train.TrainConfig(model=smollm2_gguf, data=demo["train"], out=str(d / "run"), variant="explanation",
                             rank=4, alpha=8, lora_dropout=0.0, lr=2e-2, warmup=0.0, batch_size=2, micro_batch=2,
                             steps=2, max_len=320, val_every=2, save_every=2, log_every=1, checkpointing=True)

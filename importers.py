@@ -1,0 +1,190 @@
+"""The public releases of the paper's six datasets and the chit-chat package -> conversation records.
+
+    python data.py import FORMAT FILE... -o conversations.jsonl [--n N] [--seed S]
+
+Each format has one function that turns an entry of the release's own files (JSON, JSONL or
+.jsonl.gz; Cornell's two text files) into records {id, dataset, context, response}: the input of
+rate.py. Where a release has whole dialogues (CoQA, Cornell, chit-chat), each is cut at a turn chosen
+by a hash of its id, so the cut is stable and does not depend on file order. A malformed entry is
+reported as 'FILE:LINE: ...' (or 'FILE: item N: ...') and skipped, never dropped silently.
+
+Left out: downloading anything (point the importers at files you have; chit-chat is read from the
+installed `chitchat-dataset` package) and the ratings (rate.py).
+"""
+import ast
+import json
+import os
+import re
+
+from data import DataError, _h, _open, check_record
+
+def _items(path, key=None):
+    """(where, object or DataError) for each item of a JSON list, a {key: [...]} JSON file or JSONL."""
+    with _open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and key in data:
+        data = data[key]
+    if isinstance(data, list):
+        yield from ((f"{path}: item {i}", x) for i, x in enumerate(data))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", DataError(f"not valid JSON ({e.msg})")
+
+
+# One function per format: a public entry -> conversation records; a malformed entry raises.
+
+def _arena(x, seed):  # {"question_id", "conversation_a"/"_b": [{"role", "content"}, ...], "model_a"/"_b"}
+    out = []
+    for side in "ab":
+        turns = x[f"conversation_{side}"]
+        if not turns or turns[-1]["role"] != "assistant":
+            raise ValueError(f"conversation_{side} must end with an assistant turn")
+        out.append({"id": f"arena-{x['question_id']}-{side}", "dataset": "chatbot-arena", "model": x.get(f"model_{side}"),
+                    "context": [t["content"] for t in turns[:-1]], "response": turns[-1]["content"]})
+    return out
+
+
+def _hh(x, seed):  # {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}: two datasets
+    out = []
+    for part in ("chosen", "rejected"):
+        bits = re.split(r"\n\n(Human|Assistant): ", "\n\n" + x[part].lstrip("\n"))
+        turns = [(who, said.strip()) for who, said in zip(bits[1::2], bits[2::2])]
+        if len(turns) < 2 or turns[-1][0] != "Assistant":
+            raise ValueError(f"{part}: no 'Human:' turn followed by a final 'Assistant:' turn")
+        out.append({"id": f"hh-{part}-{_h(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
+                    "context": [t for _, t in turns[:-1]], "response": turns[-1][1]})
+    return out
+
+
+def _amazonqa(x, seed):  # {"qid"?, "asin", "questionText", "answers": [{"answerText"}], "review_snippets"}
+    q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
+    if not q or not answers:
+        raise ValueError("empty question or no answers")
+    qid = x.get("qid") or f"{x.get('asin', '')}-{_h(q) % 16**8:08x}"
+    return [{"id": f"amazonqa-{qid}", "dataset": "amazonqa", "context": [q], "response": answers[0]}]
+
+
+def _coqa(x, seed):  # {"id", "story", "questions": [{"input_text"}], "answers": [...]}: cut at a hashed turn
+    qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
+    if not qs or len(qs) != len(ans):
+        raise ValueError(f"{len(qs)} questions but {len(ans)} answers")
+    k = _h(seed, x["id"]) % len(qs)
+    turns = [t for qa in zip(qs[:k], ans[:k]) for t in qa] + [qs[k]]
+    turns[0] = f"{x['story'].strip()}\n\n{turns[0]}"
+    return [{"id": f"coqa-{x['id']}-{k + 1}", "dataset": "coqa", "context": turns, "response": ans[k]}]
+
+
+def _cornell(x, seed):  # built by _cornell_entries from the two files
+    return [{"id": f"cornell-{x['movie']}-{x['ids'][0]}", "dataset": "cornell-movie",
+             "context": x["turns"][:-1], "response": x["turns"][-1]}]
+
+
+def _cornell_entries(paths):
+    """movie_lines.txt + movie_conversations.txt (fields separated by ' +++$+++ ', Latin-1) ->
+    (where, {"movie", "ids", "turns"} or an error) per conversation."""
+    files = {os.path.basename(p): p for p in paths}
+    if set(files) != {"movie_lines.txt", "movie_conversations.txt"}:
+        raise DataError("cornell-movie needs the two files movie_lines.txt and movie_conversations.txt")
+    lines = {}
+    with open(files["movie_lines.txt"], encoding="iso-8859-1") as f:
+        for n, row in enumerate(f, 1):
+            fields = row.rstrip("\n").split(" +++$+++ ")
+            if len(fields) != 5:
+                yield f"{files['movie_lines.txt']}:{n}", ValueError(f"expected 5 fields, got {len(fields)}")
+            lines[fields[0]] = fields[-1].strip() if len(fields) == 5 else ""
+    with open(files["movie_conversations.txt"], encoding="iso-8859-1") as f:
+        for n, row in enumerate(f, 1):
+            where, fields = f"{files['movie_conversations.txt']}:{n}", row.rstrip("\n").split(" +++$+++ ")
+            try:
+                ids = ast.literal_eval(fields[3]) if len(fields) == 4 else None
+            except (ValueError, SyntaxError):
+                ids = None
+            if not isinstance(ids, list) or len(ids) < 2:
+                yield where, ValueError("expected 4 fields ending in a list of at least two line ids")
+            elif not all(lines.get(i) for i in ids):
+                yield where, ValueError(f"unknown or empty line id {next(i for i in ids if not lines.get(i))}")
+            else:
+                yield where, {"movie": fields[2], "ids": ids, "turns": [lines[i] for i in ids]}
+
+
+def _chitchat(x, seed):  # built by _chitchat_entries: {"id", "messages": [[{"text", "sender"}, ...], ...]}
+    turns = [" ".join(u["text"].strip() for u in turn if u["text"].strip()) for turn in x["messages"]]
+    turns = [t for t in turns if t]
+    if len(turns) < 2:
+        raise ValueError(f"{len(turns)} non-empty turn(s); a conversation needs a context and a response")
+    k = 1 + _h(seed, x["id"]) % (len(turns) - 1)  # the response: a hashed turn after the first
+    return [{"id": f"chitchat-{x['id']}-{k}", "dataset": "chitchat", "context": turns[:k], "response": turns[k]}]
+
+
+def chitchat_path():
+    """dataset.json of the installed chitchat-dataset package (7,168 human conversations, MIT),
+    found without importing it; None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    return os.path.join(spec.submodule_search_locations[0], "dataset.json") if spec else None
+
+
+def _chitchat_entries(paths):
+    """The Chit Chat Challenge's dataset.json ({conversation id: {"messages": [...]}}) -> entries.
+    A conversation of one person alone (a single turn) cannot be cut, and is reported as such."""
+    for path in paths:
+        try:
+            with _open(path) as f:
+                conversations = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(conversations, dict):
+            raise DataError(f"{path}: expected an object of conversations by id (chitchat-dataset's dataset.json)")
+        for cid, conv in conversations.items():
+            yield f"{path}: conversation {cid}", dict(conv, id=cid) if isinstance(conv, dict) else ValueError("not an object")
+
+
+IMPORTERS = {"chatbot-arena": _arena, "hh-rlhf": _hh, "amazonqa": _amazonqa, "coqa": _coqa, "cornell-movie": _cornell,
+             "chitchat": _chitchat}
+
+
+def import_conversations(fmt, paths, *, n=None, seed=0):
+    """Conversation records (id, dataset, context, response) from a public release's own files
+    (JSON, JSONL or .jsonl.gz; Cornell's two text files). Returns (records, problems): each malformed
+    entry is one 'FILE:LINE: ...' (or 'FILE: item N: ...') string, never dropped silently. With n,
+    keep the n records per dataset with the smallest hash(seed, id): a seeded sample that does not
+    depend on file order. Ids are stable: the release's own, or a hash of the text."""
+    if fmt not in IMPORTERS:
+        raise DataError(f"unknown format '{fmt}' (choose from {', '.join(IMPORTERS)})")
+    if not paths and fmt == "chitchat" and chitchat_path():
+        paths = [chitchat_path()]
+    if not paths:
+        raise DataError(f"import {fmt}: name the dataset's file(s)"
+                        + (" (or pip install chitchat-dataset)" if fmt == "chitchat" else ""))
+    entries = (_cornell_entries(paths) if fmt == "cornell-movie" else _chitchat_entries(paths) if fmt == "chitchat"
+               else (e for p in paths for e in _items(p, key="data" if fmt == "coqa" else None)))
+    records, problems, seen = [], [], set()
+    for where, x in entries:
+        try:
+            if isinstance(x, Exception):
+                raise x
+            new = [check_record(r, "conversation") for r in IMPORTERS[fmt](x, seed)]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # DataError is a ValueError
+            problems.append(f"{where}: " + (f"missing field {e}" if isinstance(e, KeyError) else str(e)))
+            continue
+        for r in new:
+            if r["id"] in seen:
+                problems.append(f"{where}: duplicate of an earlier conversation ('{r['id']}'), skipped")
+            else:
+                seen.add(r["id"])
+                records.append(r)
+    if n:
+        keep = set()
+        for ds in {r["dataset"] for r in records}:
+            keep.update(sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: _h(seed, i))[:n])
+        records = [r for r in records if r["id"] in keep]
+    return records, problems
