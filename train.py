@@ -42,6 +42,8 @@ from model import DTYPES, ModelError, Transformer, load_config, load_model, save
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run, each with its default. The comment beside a field is its --help text
+    (_parser reads this class's source), so a default and its explanation live in one place."""
     model: str = ""                   # base checkpoint: an HF folder with its tokenizer, or a .gguf file
     data: str = ""                    # training records (.jsonl or .csv); with --full, a plain-text corpus
     out: str = "runs/run"             # run folder
@@ -574,49 +576,21 @@ def run(cfg, loss_hook=None):
     when given, may replace the loss (the tests inject a NaN with it)."""
     device, dtype = resolve_device(cfg)
     rank, world = setup_distributed(device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    check_options(cfg, world)
-    torch.manual_seed(cfg.seed)
-    # build: every check of the model, tokenizer, data and options comes before --out is touched
-    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
-    if not train_ex:
-        raise TrainError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    # build and plan: every check of the model, tokenizer, data and options before --out is touched
+    tok, train_ex, val_ex, model, steps_per_epoch, total = plan(cfg, device, dtype, world, log)
     if cfg.dry_run:
         return None
     lock = claim_out(cfg, rank, world)
     stop = Interrupt(enabled=world == 1)  # Ctrl-C ends the run after the step in progress, with a checkpoint
     try:
-        # a distinct dropout stream per rank (the LoRA initialisation above was the same on all)
-        if world > 1:
-            torch.manual_seed(cfg.seed * 1_000_003 + rank)
-        train_model = torch.compile(model) if cfg.compile else model
-        if world > 1:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
-                    else contextlib.nullcontext())
+        train_model, params, opt, autocast = optimizer_setup(cfg, model, device, dtype, rank, world)
         # resume: the checkpoint first, then the record of the settings (checked equal by claim_out)
         step, best = resume(cfg, model, opt, device, rank, world)
-        metrics = os.path.join(cfg.out, "metrics.jsonl")
-        if master:
+        metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), cfg.out, enabled=rank == 0)
+        if rank == 0:
             write_atomic(os.path.join(cfg.out, "train_config.json"), json.dumps(saved_settings(cfg), indent=2))
-            keep_metrics_until(metrics, step)
-
-        def record(row):
-            if master:
-                try:
-                    with open(metrics, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                except OSError as e:  # disk full: the checkpoints on disk stay as they are
-                    raise TrainError(f"{metrics}: cannot append ({e.strerror or e}); the checkpoints in "
-                                     f"{cfg.out} are intact, continue with --resume once there is room") from None
-
+            keep_metrics_until(metrics.path, step)
         train_model.train()
         batches, t0, tokens_seen, losses, last_val, first_step = {}, time.time(), 0, [], None, step
         while step < total:
@@ -633,36 +607,24 @@ def run(cfg, loss_hook=None):
                 row, line = progress_row(step, total, first_step, sum(losses) / len(losses), opt.param_groups[0]["lr"],
                                          tokens_seen, time.time() - t0, model, device, world)
                 log(line, flush=True)
-                record(row)
+                metrics.write(row)
                 losses = []
             # validate, and keep the best adapter by (rating accuracy, -loss)
             if val_ex and (step % cfg.val_every == 0 or step == total):
-                if master:
-                    last_val = validate(model, val_ex, tok, cfg, device, autocast)
-                    log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
-                    record({"step": step, **last_val})
-                    if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
-                        best = [last_val["val_acc"], -last_val["val_loss"]]
-                        save_checkpoint(cfg.out, "best", model, None, cfg)
-                if world > 1:
-                    dist.barrier()
+                last_val, best = validate_and_keep_best(cfg, model, val_ex, tok, device, autocast, step, best,
+                                                        metrics, log, rank, world)
             # checkpoint: what --resume continues from; the first one retires a replaced run
             if step % cfg.save_every == 0 or step == total or stop.requested:
-                state = training_state(opt, step, best, device, world)
-                if master:
-                    save_checkpoint(cfg.out, "last", model, state, cfg)
-                    shutil.rmtree(os.path.join(cfg.out, "replaced"), ignore_errors=True)
-                if world > 1:
-                    dist.barrier()
+                checkpoint(cfg, model, training_state(opt, step, best, device, world), rank, world)
             if stop.requested:
                 raise TrainError(f"interrupted at step {step} of {total}; saved {cfg.out}/last; "
                                  "continue with the same command and --resume")
-        if master:
+        if rank == 0:
             write_atomic(os.path.join(cfg.out, "done.json"),
                          json.dumps({"step": step, **(last_val or {}), "seconds": time.time() - t0}, indent=2))
         return last_val
     except BaseException:
-        if master:  # a failure before the first checkpoint gives a replaced run back
+        if rank == 0:  # a failure before the first checkpoint gives a replaced run back
             restore_replaced(cfg.out)
         raise
     finally:
@@ -670,6 +632,79 @@ def run(cfg, loss_hook=None):
         lock.release()
         if world > 1:
             dist.destroy_process_group()
+
+
+def plan(cfg, device, dtype, world, log):
+    """Check the options, build the model, adapter and examples, print the plan. Returns (tokenizer,
+    train examples, val examples, model, steps per epoch, total steps)."""
+    check_options(cfg, world)
+    torch.manual_seed(cfg.seed)
+    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
+    if not train_ex:
+        raise TrainError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world)
+    return tok, train_ex, val_ex, model, steps_per_epoch, total
+
+
+def optimizer_setup(cfg, model, device, dtype, rank, world):
+    """(the module that trains: compiled and/or wrapped in DDP, its trainable parameters, AdamW,
+    the autocast context: bf16 when the run is bf16, else none)."""
+    if world > 1:  # a distinct dropout stream per rank (the LoRA initialisation was the same on all)
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
+    train_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
+                else contextlib.nullcontext())
+    return train_model, params, opt, autocast
+
+
+class Metrics:
+    """metrics.jsonl, appended a row at a time by rank 0; a write that fails (disk full) is one error."""
+
+    def __init__(self, path, out, enabled=True):
+        self.path, self.out, self.enabled = path, out, enabled
+
+    def write(self, row):
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # the checkpoints on disk stay as they are
+            raise TrainError(f"{self.path}: cannot append ({e.strerror or e}); the checkpoints in "
+                             f"{self.out} are intact, continue with --resume once there is room") from None
+
+
+def validate_and_keep_best(cfg, model, val_ex, tok, device, autocast, step, best, metrics, log, rank, world):
+    """Validation on rank 0 (the others wait); best/ is rewritten when (rating accuracy, -loss)
+    improves. Returns (the validation metrics or None on other ranks, the best key so far)."""
+    last_val = None
+    if rank == 0:
+        last_val = validate(model, val_ex, tok, cfg, device, autocast)
+        log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
+        metrics.write({"step": step, **last_val})
+        if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
+            best = [last_val["val_acc"], -last_val["val_loss"]]
+            save_checkpoint(cfg.out, "best", model, None, cfg)
+    if world > 1:
+        dist.barrier()
+    return last_val, best
+
+
+def checkpoint(cfg, model, state, rank, world):
+    """last/ with the training state, written by rank 0; once it exists, a run that --overwrite
+    moved aside is no longer needed."""
+    if rank == 0:
+        save_checkpoint(cfg.out, "last", model, state, cfg)
+        shutil.rmtree(os.path.join(cfg.out, "replaced"), ignore_errors=True)
+    if world > 1:
+        dist.barrier()
 
 
 class Interrupt:
