@@ -582,9 +582,13 @@ def _sample(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, seed=None):
+def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, seed=None,
+             insert=None, insert_len=0):
     """Continue each prompt (a list of token ids); prompts may differ in length (they are left-padded).
-    Greedy when temperature is 0. Returns the new tokens of each prompt, up to and without EOS."""
+    Greedy when temperature is 0. Returns the new tokens of each prompt, up to and without EOS.
+    insert(logits) -> (B, insert_len) LongTensor, if given, is called once with the logits (B, V)
+    that follow the prompts; its tokens are fed before generation starts and are not returned
+    (rate.py reads a score from those logits and writes it, so the prompt is read only once)."""
     eos_id = model.config.eos_token_id if eos_id is None else eos_id
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -596,11 +600,17 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_
         tokens[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):] = True
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model, B, P + max_new_tokens)
+    cache = KVCache(model, B, P + insert_len + max_new_tokens)
     last = torch.full((B,), P - 1, device=device)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(tokens, logits_at=last, attention_mask=mask, cache=cache)       # (B, V)
+    if insert is not None:
+        forced = insert(logits).to(device)                                         # (B, insert_len)
+        if tuple(forced.shape) != (B, insert_len):
+            raise ValueError(f"generate: insert returned shape {tuple(forced.shape)}, expected {(B, insert_len)}")
+        logits = model(forced, logits_at=torch.full((B,), insert_len - 1, device=device),
+                       attention_mask=torch.ones(B, insert_len, dtype=torch.bool, device=device), cache=cache)
     for _ in range(max_new_tokens):
         nxt = _sample(logits, temperature, top_p, generator)                        # (B,)
         for i in range(B):

@@ -341,9 +341,10 @@ def complete(model, tok, prompts, max_new_tokens, temperature=0.0, seed=None, le
             for p, ids in zip(prompts, out)]
 
 
-def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retries, seed, lead=0):
+def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retries, seed, lead=0, first=None):
     """Generate for every prompt, retrying the ones whose answer does not parse (sampling, seeded).
     prompts: per item token ids, or None for one too long to ask. parse(text) -> result or ValueError.
+    first: {item: text} of a first attempt already generated (rate_batch's, in the scoring pass).
     Returns per item ("ok", parse's result) or ("error", what was wrong with the last answer)."""
     results = [("error", "prompt too long even without context turns") if p is None else None for p in prompts]
     todo = [i for i, p in enumerate(prompts) if p is not None]
@@ -351,8 +352,11 @@ def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retri
         if not todo:
             break
         temp = temperature if attempt == 0 else max(temperature, RETRY_TEMPERATURE)
-        texts = complete(model, tok, [prompts[i] for i in todo], max_new_tokens, temp,
-                         seed=None if temp == 0 else seed + attempt, lead=lead)
+        if attempt == 0 and first is not None:
+            texts = [first[i] for i in todo]
+        else:
+            texts = complete(model, tok, [prompts[i] for i in todo], max_new_tokens, temp,
+                             seed=None if temp == 0 else seed + attempt, lead=lead)
         failed = []
         for i, text in zip(todo, texts):
             try:
@@ -365,21 +369,37 @@ def answer_all(model, tok, prompts, parse, *, max_new_tokens, temperature, retri
 
 
 def rate_batch(model, tok, prompts, scales, seeds, *, start, max_new_tokens, temperature, retries, seed):
-    """Both phases for a batch: prompts (chat ids, or None when too long), the scale and the score
-    seed of each. Returns per item ("ok", (score, score_prob, explanation)) or ("error", message)."""
+    """Both phases for a batch, reading each prompt once: prompts (chat ids, or None when too long),
+    the scale and the score seed of each. One pass with a KV cache reads the digit logits after
+    "Score:", the chosen score and "\nExplanation: The response" are fed into the same cache, and the
+    explanation is generated from there (model.generate's insert). Retries start again from the
+    whole text. Returns per item ("ok", (score, score_prob, explanation)) or ("error", message)."""
     splits = {s: score_tokens(tok, s) for s in set(scales)}  # scale -> (prefix, digit ids)
     seqs = [None if p is None else p + cue_ids(tok, SCORE_CUE) + splits[s][0] for p, s in zip(prompts, scales)]
     asked = [i for i, q in enumerate(seqs) if q is not None]
-    picked = {}                                               # item -> (score, score_prob)
-    if asked:
-        logits = score_logits(model, [seqs[i] for i in asked], [splits[scales[i]][1] for i in asked])
-        picked = {i: choose_score(x, temperature, seeds[i]) for i, x in zip(asked, logits)}
     start_ids = tok.spaced(start) if start else []
-    follow = [None if q is None else q + [splits[scales[i]][1][picked[i][0] - 1]]  # "Score: N\nExplanation: The response"
-              + tok.continuation(EXPLANATION_CUE) + start_ids for i, q in enumerate(seqs)]
+    tail = tok.continuation(EXPLANATION_CUE) + start_ids   # after the score's digit: the same for every item
+    picked = {}                                            # item -> (score, score_prob)
+
+    def insert(logits):                                    # (B, V) after "Score:" -> (B, 1 + len(tail))
+        rows = []
+        for j, i in enumerate(asked):
+            digits = splits[scales[i]][1]
+            picked[i] = choose_score(logits[j, digits].float().cpu(), temperature, seeds[i])
+            rows.append([digits[picked[i][0] - 1]] + tail)
+        return torch.tensor(rows)
+
+    first = {}
+    if asked:
+        out = generate(model, [seqs[i] for i in asked], max_new_tokens=max_new_tokens, temperature=temperature,
+                       eos_id=tok.eos_id, seed=None if temperature == 0 else seed, insert=insert,
+                       insert_len=1 + len(tail))
+        first = {i: tok.decode([t for t in start_ids + ids if t < tok.vocab_size]) for i, ids in zip(asked, out)}
+    follow = [None if q is None else q + [splits[scales[i]][1][picked[i][0] - 1]] + tail  # for the retries
+              for i, q in enumerate(seqs)]
     results = answer_all(model, tok, follow, partial(parse_explanation, start=start),
                          max_new_tokens=max_new_tokens, temperature=temperature, retries=retries,
-                         seed=seed, lead=len(start_ids))
+                         seed=seed, lead=len(start_ids), first=first)
     return [(status, picked[i] + (value,)) if status == "ok" else (status, value)
             for i, (status, value) in enumerate(results)]
 

@@ -99,11 +99,17 @@ class StubGenerate:
         self.tok, self.bad_greedy, self.always_bad, self.crash_after = tok, bad_greedy, always_bad, crash_after
         self.calls = 0
 
-    def __call__(self, model, prompts, max_new_tokens=32, temperature=0.0, eos_id=None, seed=None, **kw):
+    def __call__(self, model, prompts, max_new_tokens=32, temperature=0.0, eos_id=None, seed=None,
+                 insert=None, insert_len=0, **kw):
         self.calls += 1
         if self.crash_after is not None and self.calls > self.crash_after:
             raise KeyboardInterrupt("simulated crash")
         out, self.last_prompt = [], prompts[-1]
+        if insert is not None:  # rate_batch reads the score here: the real model's logits, and what it writes
+            with torch.no_grad():
+                forced = insert(torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts]))
+            prompts = [p + f.tolist() for p, f in zip(prompts, forced)]
+            self.last_prompt = prompts[-1]
         for p in prompts:
             text = self.tok.decode(p)
             bad = any(w in text for w in self.always_bad) or temperature == 0 and any(w in text for w in self.bad_greedy)
@@ -498,3 +504,45 @@ def test_check_bad_input_is_one_line(raters, conversations, tmp_path, capsys):
                           str(tmp_path / "c.json"), "--n", "1"], "--n 1")
     expect_error(capsys, ["check", "--raters", raters[0], "--input", str(tmp_path / "nope.jsonl"), "--out",
                           str(tmp_path / "c.json")], "no such file")
+
+
+def test_one_pass_rating_equals_reading_the_prompt_twice(raters):
+    """rate_batch reads each prompt once (score, then explanation from the same KV cache): the same
+    greedy scores and explanations as scoring with a full forward pass and then generating from the
+    whole "... Score: N\\nExplanation: The response" text."""
+    model, tok = M.load_model(raters[0]), data.Tokenizer(raters[0])
+    s = rate.STRATEGIES["scale5"]
+    prompts = [rate.fit_prompt(tok, c, "naturalness", data.AXES["naturalness"], s, 2048) for c in CONVERSATIONS]
+    got = rate.rate_batch(model, tok, prompts, [5] * 4, [0] * 4, start=START, max_new_tokens=12,
+                          temperature=0.0, retries=0, seed=0)
+    prefix, digits = rate.score_tokens(tok, 5)
+    start_ids = tok.spaced(START)
+    for c, p, (status, value) in zip(CONVERSATIONS, prompts, got):
+        score = int(reference_digit_logits(model, tok, c, "naturalness", s, 2048).argmax()) + 1
+        follow = p + rate.cue_ids(tok, "Score:") + prefix + [digits[score - 1]] + \
+            tok.continuation(rate.EXPLANATION_CUE) + start_ids
+        text = rate.complete(model, tok, [follow], 12, lead=len(start_ids))[0]
+        try:
+            want = ("ok", rate.parse_explanation(text, start=START))
+        except ValueError as e:
+            want = ("error", f"{e} (attempt 1 of 1)")
+        assert status == want[0]
+        assert (value[0], value[2]) == (score, want[1]) if status == "ok" else value == want[1]
+
+
+def test_generate_insert_feeds_tokens_chosen_from_the_first_logits(raters):
+    model = M.load_model(raters[0])
+    prompts = [[1, 5, 9, 12, 40], [1, 7, 30]]
+    seen = []
+
+    def insert(logits):
+        seen.append(logits)
+        return torch.tensor([[11, 12], [13, 14]])
+    out = M.generate(model, prompts, max_new_tokens=6, insert=insert, insert_len=2)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(seen[0][i], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+    forced = [p + f for p, f in zip(prompts, [[11, 12], [13, 14]])]
+    assert out == [M.generate(model, [f], max_new_tokens=6)[0] for f in forced]
+    with pytest.raises(ValueError, match="insert returned shape"):
+        M.generate(model, prompts, max_new_tokens=2, insert=lambda logits: torch.tensor([[1]]), insert_len=2)
