@@ -211,13 +211,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                            # (B, KV, S, hd)
-        if self.n_kv_heads != self.n_heads:  # grouped-query: each KV head serves n_heads/n_kv_heads queries
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)              # (B, H, S, hd)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # grouped-query: each KV head serves n_heads / n_kv_heads queries; SDPA pairs them without copies
+        gqa = self.n_kv_heads != self.n_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # (B, T, D)
 
 
