@@ -112,6 +112,7 @@ SIZES = {
 STAGES = ("conversations", "corpus", "models", "ratings", "training", "results")
 CORPORA = ("chitchat", "demo")
 COLLAPSE = 0.8  # warn when one label holds more than this share of an axis
+RAW_MAX_BYTES = 5 << 20  # the raw ratings go into --results too when smaller than this
 CHITCHAT_CONVERSATIONS = 4017  # of the package's 7,168, those with two turns or more
 
 # Speeds for the time estimates, measured on the 2-core CPU development machine (AMD EPYC, torch
@@ -680,8 +681,9 @@ class Study:
                     if os.path.exists(src):
                         copy_file(src, os.path.join(dst, name))
         for key, name in (("chitchat", "chitchat-train.jsonl"), ("report", "aggregation.txt"),
-                          ("labels", "labels.json"), ("check", "rater_check.json"), ("study", "study.json")):
-            if os.path.exists(self.p[key]):
+                          ("labels", "labels.json"), ("check", "rater_check.json"), ("study", "study.json"),
+                          ("raw", "raw.jsonl")):
+            if os.path.exists(self.p[key]) and (key != "raw" or os.path.getsize(self.p[key]) < RAW_MAX_BYTES):
                 copy_file(self.p[key], os.path.join(self.results, name))
         for c in CORPORA:
             md = os.path.join(self.out, c, "compare", "compare.md")
