@@ -101,7 +101,7 @@ SIZES = {
                   lr=1e-3, rank=4, rate_new_tokens=20, rate_prompt_tokens=512, summary_new_tokens=20),
     "quick": Size("quick", conversations=3, samples=2, demo_per_dataset=3, seeds=(0,), steps=2,
                   batch_size=4, micro_batch=4, max_len=160, analysis_n=4, rate_prompt_tokens=320, check_n=3),
-    "default": Size("default", conversations=16, samples=2, demo_per_dataset=6, seeds=(0, 1, 2), steps=4,
+    "default": Size("default", conversations=32, samples=2, demo_per_dataset=6, seeds=(0, 1, 2), steps=4,
                     batch_size=8, micro_batch=8, max_len=160, analysis_n=8, lr=1e-3, rate_prompt_tokens=384,
                     rate_new_tokens=32, summary_new_tokens=48, check_n=10),
     "paper": Size("paper", conversations=None, samples=3, demo_per_dataset=150, seeds=(0, 1, 2), steps=0,
@@ -116,16 +116,16 @@ RAW_MAX_BYTES = 5 << 20  # the raw ratings go into --results too when smaller th
 CHITCHAT_CONVERSATIONS = 4017  # of the package's 7,168, those with two turns or more
 
 # Speeds for the time estimates, measured on the 2-core CPU development machine (AMD EPYC, torch
-# 2.13 CPU, quiet): SmolLM2 LoRA training ~130 tokens/s (batch 8 x ~130 tokens), a scoring forward
-# ~230 tokens/s (80 prompts of ~250 tokens in ~90 s), 48 ratings of ~380-token prompts with 32 new
-# tokens in 110 s at batch 16 (2.3 s each: the prompt is read twice, for the score and for the
-# explanation). A rating is assumed to cost rating_s x (prompt + 3 x new tokens) / 320 seconds.
+# 2.13 CPU): SmolLM2 LoRA training ~130 tokens/s (batch 8 x ~100-130 tokens), a scoring forward
+# ~230 tokens/s (80 prompts of ~250 tokens in ~90 s), 48 ratings (4 chit-chat conversations x 3 axes
+# x 4 strategies, 32 new tokens, batch 16) in 63 s: 1.3 s each, reading each prompt once (2.3 s when
+# the prompt was read twice). A rating is assumed to cost rating_s x (prompt + 3 x new) / 320 seconds.
 # "smoke" from its own runs. No GPU speeds: unmeasured.
 SPEED = {
-    "smollm2": {"load_s": 1.5, "train_tok_s": 130.0, "forward_tok_s": 230.0, "rating_s": 1.5, "run_s": 2.0},
+    "smollm2": {"load_s": 1.5, "train_tok_s": 130.0, "forward_tok_s": 230.0, "rating_s": 1.3, "run_s": 2.0},
     "smoke": {"load_s": 0.02, "train_tok_s": 10000.0, "forward_tok_s": 50000.0, "rating_s": 0.015, "run_s": 0.15},
 }
-TOKENS = {"chitchat": 420, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
+TOKENS = {"chitchat": 55, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
           "rubric": 90, "examples": 160, "rated_explanation": 35}
 SMOKE_ANSWER = "Score:{}\nExplanation:Fluent reply."  # what the scripted smoke rater says, score sampled
 
