@@ -30,9 +30,11 @@ The sizes are fixed below (SIZES) and were set before any study ran, from the sp
 are not tuned towards any answer. One rater sampled K times is not the paper's ensemble of three
 models: the averaging and summarising are the same, the raters' diversity is not. The chit-chat
 package has 4,017 conversations that can be cut, so the paper size rates 12,051 items, not 15,000.
-Known today: rate.py reads SmolLM2-135M-Instruct's score from its digit distribution after a
-prefilled "Score:", and every rating parses, but its greedy scores are 1 almost everywhere and do
-not tell an on-topic reply from an off-topic one (stage 4 warns when an axis collapses).
+Known today: every SmolLM2-135M-Instruct rating parses (the score is read from its digit
+distribution after a prefilled "Score:"), but the rater check of stage 4 (rate.py check: each
+response against a copy made worse on the axis) finds its scores blind to the response on all three
+axes and all four strategies, so the chit-chat labels test learning from labels without signal;
+the demo corpus is the half where labels and explanations carry the cues (see the README).
 Left out: the work itself (data.py, rate.py, train.py, eval.py and analysis.py do it; this file
 calls them), the other five datasets (their files are not on this machine), and any download.
 """
