@@ -59,6 +59,11 @@ PROFILES = {
                                  intermediate_size=1376, n_layers=8, n_heads=8, n_kv_heads=4,
                                  torch_dtype="float32"),
                    batch=4, seq=256, loss_tokens=32, dtype="float32", checkpointing=(False, True), warmup=2, reps=10),
+    # the study's student: SmolLM2-135M's shape (random weights), a batch like the study's
+    "smollm2": Profile("smollm2", Config(name="smollm2-135m-shape", arch="llama", vocab_size=49152, hidden_size=576,
+                                         intermediate_size=1536, n_layers=30, n_heads=9, n_kv_heads=3,
+                                         tie_word_embeddings=True, rope_theta=100000.0, torch_dtype="float32"),
+                       batch=8, seq=128, loss_tokens=32, dtype="float32", checkpointing=(False, True), warmup=2, reps=10),
     "cuda": Profile("cuda", replace(PRESETS["mistral-7b-v0.1"]),
                     batch=8, seq=512, loss_tokens=32, dtype="bfloat16", checkpointing=(True,), warmup=3, reps=10),
     "smoke": Profile("smoke", replace(PRESETS["tiny"]),
@@ -299,6 +304,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="4-bit base on both sides")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    p.add_argument("--profile", choices=["cpu", "smollm2", "cuda"], default=None,
+                   help="model shape and batch (default: the device's; smollm2: the study's student, on CPU)")
     p.add_argument("--checkpointing", choices=["both", "on", "off"], default=None,
                    help="activation checkpointing settings to run (default: the profile's)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side (default: the profile's)")
@@ -319,7 +326,7 @@ def main(argv=None):
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    profile = PROFILES["smoke" if args.smoke else device.type]
+    profile = PROFILES["smoke" if args.smoke else args.profile or device.type]
     settings = {"both": (False, True), "on": (True,), "off": (False,), None: profile.checkpointing}[args.checkpointing]
     profile = replace(profile, checkpointing=settings, reps=args.reps or profile.reps,
                       warmup=profile.warmup if args.warmup is None else args.warmup,
@@ -368,7 +375,8 @@ def main(argv=None):
                       else "VmHWM minus RSS after imports, fresh process per side; peak_bytes with glibc's default "
                       "malloc, peak_live_bytes with MALLOC_MMAP_THRESHOLD_=65536 (RSS follows the live bytes)"},
            "runs": runs, "targets": all_targets}
-    common.write_json(args.json, "train_step" + ("_nf4" if quantize else "") + ("_smoke" if args.smoke else ""), out)
+    common.write_json(args.json, "train_step" + ("_" + args.profile if args.profile else "") + ("_nf4" if quantize else "")
+                      + ("_smoke" if args.smoke else ""), out)
     return out
 
 
