@@ -222,3 +222,19 @@ def test_smoke_rater_answers_in_format(tmp_path):
                           max_new_tokens=20, temperature=0.7, retries=0, seed=0)
     assert all(status == "ok" for status, _ in out)
     assert {v[2] for _, v in out} == {"Fluent reply."} and len({v[0] for _, v in out}) >= 3
+
+
+def test_committed_default_labels_are_the_aggregate_of_the_committed_ratings():
+    """results/default holds the labelled chit-chat of the default study and its raw ratings: the
+    labels validate, cover the study's items on every axis, and are exactly data.aggregate(mean) of
+    the raw file, so a reader (or --labels) can start from them without re-rating."""
+    results = os.path.join(ROOT, "results", "default")
+    labels = data.load_records(os.path.join(results, "chitchat-train.jsonl"), need_explanation=True)
+    with open(os.path.join(results, "study.json")) as f:
+        summary = json.load(f)
+    assert len(labels) == summary["items"]["chitchat"]["all"] == 3 * summary["conversations"]
+    assert {r["axis"] for r in labels} == set(data.AXES)
+    again, _ = data.aggregate(data.load_records(os.path.join(results, "raw.jsonl"), kind="raw"), method="mean")
+    key = lambda r: (r["id"], r["axis"])  # noqa: E731
+    assert sorted((key(r), r["label"], r["explanation"]) for r in again) == \
+        sorted((key(r), r["label"], r["explanation"]) for r in labels)
