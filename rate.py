@@ -494,8 +494,10 @@ def check(args):
                 rows.append({"rater": rater_name(path), "axis": axis, "prompt": name, "n": n, "auc": value,
                              "half_width_at_chance": half, "mean_real": sum(a) / n if n else None,
                              "mean_corrupted": sum(b) / n if n else None})
-                print(f"  {rows[-1]['rater']} {axis:18} {name:16} AUC {value:.2f} (chance 0.50 +- {half:.2f}), "
-                      f"expected score {rows[-1]['mean_real']:.2f} real vs {rows[-1]['mean_corrupted']:.2f} corrupted",
+                print(f"  {rows[-1]['rater']} {axis:18} {name:16} " + (
+                      f"AUC {value:.2f} (chance 0.50 +- {half:.2f}), expected score {rows[-1]['mean_real']:.2f} "
+                      f"real vs {rows[-1]['mean_corrupted']:.2f} corrupted" if n else
+                      "no pair: no prompt fits, or the worsened copy equals the response (one word)"),
                       file=sys.stderr, flush=True)
         del model
     tmp = args.out + ".tmp"

@@ -546,3 +546,16 @@ def test_generate_insert_feeds_tokens_chosen_from_the_first_logits(raters):
     assert out == [M.generate(model, [f], max_new_tokens=6)[0] for f in forced]
     with pytest.raises(ValueError, match="insert returned shape"):
         M.generate(model, prompts, max_new_tokens=2, insert=lambda logits: torch.tensor([[1]]), insert_len=2)
+
+
+def test_check_with_no_pair_left_reports_none_without_crashing(raters, tmp_path):
+    """One-word responses are unchanged by the comprehensiveness corruption: those pairs are left
+    out, and an axis with none left gets n 0 and AUC None, not a traceback."""
+    path = tmp_path / "one_word.jsonl"
+    path.write_text("".join(json.dumps({"id": f"w{i}", "dataset": "demo", "context": ["Hi"], "response": "Hello"}) + "\n"
+                            for i in range(3)))
+    out = tmp_path / "check.json"
+    rate.main(["check", "--raters", raters[0], "--input", str(path), "--out", str(out),
+               "--axes", "comprehensiveness", "--prompts", "scale5"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["n"], r["auc"]) for r in rows] == [(0, None)]
