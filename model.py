@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 
@@ -438,12 +439,16 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
     """Load a Llama/Mistral model from a Hugging Face-format folder or a llama.cpp .gguf file. The
     model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
     dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
-    weights are never held twice. dtype defaults to float32 on CPU and bfloat16 elsewhere."""
-    if _is_gguf(path):
+    weights are never held twice. A CPU tensor already in `dtype` is not copied at all: it stays a
+    view of the memory-mapped shard (copy-on-write, so merging LoRA into it never touches the file),
+    and its pages are read when a forward pass first uses them, as `transformers` does. dtype
+    defaults to float32 on CPU and bfloat16 elsewhere."""
+    mapped = not _is_gguf(path)  # safetensors shards are memory-mapped; GGUF tensors are dequantised copies
+    if mapped:
+        config, tensors = load_config(path), _safetensors_tensors(path)
+    else:
         g, config = _open_gguf(path)
         tensors = _gguf_tensors(g)
-    else:
-        config, tensors = load_config(path), _safetensors_tensors(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
     if quantize not in QUANTIZE:
@@ -469,7 +474,9 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
                                           double_quant=quantize == "nf4-dq")
             model.set_submodule(key[: -len(".weight")], layer)
             quantized.add(key)
-        else:  # an owned copy: a view would keep the whole shard's pages resident
+        elif mapped and t.dtype == dtype and str(device) == "cpu":
+            state[key] = t  # already what we want: stays a view of the mapped shard, read on first use
+        else:  # cast or moved: an owned copy, so that no view keeps the shard's pages mapped
             state[key] = t.to(device=device, dtype=dtype, copy=True)
     missing = sorted(set(expected) - set(state) - quantized)
     if missing:
@@ -518,13 +525,19 @@ def save_model(model, path, max_shard_size="2GB"):
     for name, shard in zip(names, shards):
         _atomic(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
         weight_map.update({k: name for k in shard})
+    index_path = os.path.join(path, "model.safetensors.index.json")
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _dump_json(index, tmp))
+        _atomic(index_path, lambda tmp: _dump_json(index, tmp))
+    elif os.path.exists(index_path):  # an earlier, sharded save: its index would send readers to old shards
+        os.remove(index_path)
     dtype_name = {v: k for k, v in DTYPES.items() if k in ("float32", "bfloat16", "float16")}
     cfg = replace(model.config, torch_dtype=dtype_name.get(next(iter(state.values())).dtype, "float32"))
     _atomic(os.path.join(path, "config.json"), lambda tmp: _dump_json(cfg.to_hf(), tmp))
+    for old in os.listdir(path):  # shards of an earlier save under other names, now unreferenced
+        if old not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old):
+            os.remove(os.path.join(path, old))
 
 
 def _dump_json(obj, path):

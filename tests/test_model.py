@@ -60,6 +60,37 @@ def test_bf16_load_gives_bf16_weights(pair):
     assert ours(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
+def _mapped_from(t):
+    """The file a tensor's memory is mapped from (Linux's /proc/self/maps), or None for anonymous memory."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            lo, hi = (int(a, 16) for a in span.split("-"))
+            if lo <= ptr < hi:
+                return rest[4] if len(rest) > 4 and rest[4].startswith("/") else None
+    return None
+
+
+def test_weights_already_in_dtype_stay_mapped_and_writes_never_reach_the_file(pair, tmp_path):
+    _, src = pair
+    path = str(tmp_path / "ckpt")
+    _copy(src, path)
+    before = M.load_model(path).state_dict()
+    ours = M.load_model(path)  # the checkpoint is fp32, so nothing is cast: views of the mapped shards
+    assert _mapped_from(ours.model.layers[0].mlp.up_proj.weight).endswith(".safetensors")
+    assert _mapped_from(M.load_model(path, dtype="bfloat16").model.layers[0].mlp.up_proj.weight) is None
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)  # copy-on-write: the file keeps its bytes
+    again = M.load_model(path).state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in before)
+    M.save_model(ours, path)  # over the folder its own weights are mapped from, now as one shard
+    assert sorted(f for f in os.listdir(path) if "safetensors" in f) == ["model.safetensors"]  # no stale index
+    saved = M.load_model(path).state_dict()
+    assert all(torch.equal(before[k] + 1, saved[k]) for k in before)
+
+
 def test_greedy_generate_matches_transformers(pair):
     hf, path = pair
     ours = M.load_model(path)
