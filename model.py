@@ -439,7 +439,7 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
     """Load a Llama/Mistral model from a Hugging Face-format folder or a llama.cpp .gguf file. The
     model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
     dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
-    weights are never held twice. A CPU tensor already in `dtype` is not copied at all: it stays a
+    weights are never held twice. Unless quantising, a CPU tensor already in `dtype` is not copied: it stays a
     view of the memory-mapped shard (copy-on-write, so merging LoRA into it never touches the file),
     and its pages are read when a forward pass first uses them, as `transformers` does. dtype
     defaults to float32 on CPU and bfloat16 elsewhere."""
@@ -474,9 +474,9 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
                                           double_quant=quantize == "nf4-dq")
             model.set_submodule(key[: -len(".weight")], layer)
             quantized.add(key)
-        elif mapped and t.dtype == dtype and str(device) == "cpu":
+        elif mapped and not quantize and t.dtype == dtype and str(device) == "cpu":
             state[key] = t  # already what we want: stays a view of the mapped shard, read on first use
-        else:  # cast or moved: an owned copy, so that no view keeps the shard's pages mapped
+        else:  # cast, moved or beside 4-bit layers: an owned copy, so no view keeps the shard mapped
             state[key] = t.to(device=device, dtype=dtype, copy=True)
     missing = sorted(set(expected) - set(state) - quantized)
     if missing:

@@ -197,6 +197,40 @@ def test_lora_linear_basics():
     torch.testing.assert_close(torch.nn.functional.linear(x, layer.merged_weight(), base.bias), expected)
 
 
+def test_dropout_keeps_the_expectation_and_is_seeded():
+    x = torch.ones(400, 1000)
+    torch.manual_seed(3)
+    dropped, rescale = lora.dropout(x, 0.05)
+    zeroed = (dropped == 0).float().mean().item()
+    assert abs(zeroed - 0.05) < 0.002 and set(dropped.unique().tolist()) == {0.0, 1.0}  # 6 sigma
+    assert abs((dropped * rescale).mean().item() - 1.0) < 0.002 and rescale == pytest.approx(1 / 0.95, abs=1e-5)
+    torch.manual_seed(3)
+    assert torch.equal(lora.dropout(x, 0.05)[0], dropped)  # the same seed, the same mask
+    assert not torch.equal(lora.dropout(x, 0.05)[0], dropped)
+    assert (lora.dropout(x, 0.5)[0] == 0).float().mean().item() == pytest.approx(0.5, abs=0.003)
+
+
+def test_lora_dropout_in_training_only_and_on_the_lora_path_only():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 32)
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(8, 64, requires_grad=True)
+    clean = base(x) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer.eval()(x), clean)  # eval: no dropout
+    layer.train()
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    kept, rescale = lora.dropout(x.detach(), 0.3)
+    torch.testing.assert_close(y, base(x) + 2.0 * rescale * kept @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    assert not torch.allclose(y, clean)
+    y.sum().backward()  # the base path's gradient reaches every input; only kept inputs get LoRA's
+    mask = kept != 0
+    expected = base.weight.sum(0) + (2.0 * rescale * layer.lora_B.weight @ layer.lora_A.weight).sum(0) * mask
+    torch.testing.assert_close(x.grad, expected)
+
+
 def test_bf16_base_fp32_lora_under_autocast():
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(16, 24, bias=False).to(torch.bfloat16), rank=4, alpha=8)
