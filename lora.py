@@ -94,8 +94,12 @@ class LoRALinear(nn.Module):
             scale = scale * rescale
         # the scale multiplies the (..., r) activation, not the (..., out) update: the same product,
         # r / out of the work (A and B are linear)
-        update = self.lora_B(self.lora_A(x) * scale)  # (..., r) -> (..., out)
-        return y + update.to(y.dtype)
+        h = self.lora_A(x) * scale  # (..., r)
+        if h.dtype != y.dtype and not torch.is_autocast_enabled(x.device.type):  # a bf16 base, no autocast
+            return y + self.lora_B(h).to(y.dtype)
+        # y + h @ B.T in one matmul that accumulates into y, instead of a matmul and then an add
+        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
+                           self.lora_B.weight.t()).view(y.shape)  # (..., out)
 
     def merged_weight(self):
         """W + scaling * B @ A, summed in fp32, in W's dtype; an NF4 base is dequantised first."""
