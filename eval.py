@@ -21,6 +21,9 @@ first averaged over a variant's seeds), training (train.py).
     python eval.py --run runs/expl-s0 [--split test] [--checkpoint best] [--allow-unfinished]
     python eval.py --model DIR [--adapter DIR] --data FILE [--split all] [--out DIR]  # no adapter: zero-shot
     python eval.py compare runs/grid/* [--out DIR]
+
+Length: ~660 lines for the three things eval.py owns: the metrics (numpy only, readable
+alone), scoring, and the comparison tables across variants and seeds.
 """
 import argparse
 import json

@@ -7,7 +7,7 @@ for a folder of `config.json` + `*.safetensors` shards (`load_model` also reads 
 file, through `gguf_file.py`), and KV-cache `generate`.
 
 What is not: LoRA (`lora.py`), 4-bit weights (`quant.py`, reached through `load_model(quantize=)`),
-tokenisation (`data.py`), training (`train.py`). Parameter names are exactly Hugging Face's, so a
+tokenisation (`tokenizer.py`), training (`train.py`). Parameter names are exactly Hugging Face's, so a
 checkpoint loads with no renaming and a saved folder loads in `transformers`.
 
     from model import load_model, generate
@@ -16,6 +16,9 @@ checkpoint loads with no renaming and a saved folder loads in `transformers`.
     model = load_model(smollm2_path())        # the real SmolLM2-135M-Instruct GGUF, if installed
 
     python -m model --smollm2                 # prints where that GGUF file is
+
+Length: ~670 lines: the decoder (~170), loading and saving checkpoints with the checks that
+name a bad file or tensor (~230), and KV-cache generation.
 """
 import argparse
 import importlib.util

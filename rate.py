@@ -46,6 +46,9 @@ redo them). Strategies beyond the four built in come from `--prompts-file`, a JS
                  "examples": [{"axis": "naturalness", "context": ["Hi"], "response": "Hello!",
                                "score": 4, "explanation": "Friendly and fluent."}]}}
 ("examples": true uses the built-in rated examples, which exist for scales 4 and 5).
+
+Length: ~720 lines, one concern: the labelling step. Prompting strategies, prompts cut to fit,
+the two-phase rating, the resumable raw file, the rater check and the summaries.
 """
 import argparse
 import json

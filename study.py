@@ -37,6 +37,9 @@ axes and all four strategies, so the chit-chat labels test learning from labels 
 the demo corpus is the half where labels and explanations carry the cues (see the README).
 Left out: the work itself (data.py, rate.py, train.py, eval.py and analysis.py do it; this file
 calls them), the other five datasets (their files are not on this machine), and any download.
+
+Length: ~800 lines, one concern: the experiment's stages as methods of `Study` (~290 lines)
+with its sizes, time estimate, atomic files and log. The work of each stage is in the other files.
 """
 import argparse
 import contextlib

@@ -16,6 +16,10 @@ A run folder holds `train_config.json` (everything resolved), `metrics.jsonl`, `
 (PEFT-format adapter; `last/` also the training state for `--resume`) and `done.json` when finished.
 Checkpoints are written to a temporary folder and renamed, so a crash never leaves half of one.
 Left out: model code (model.py, lora.py), data handling (data.py), metrics (eval.py).
+
+Length: ~780 lines, one concern: a training run as a user launches it. Its config and --help,
+the run folder's safety (lock, resume checks, atomic checkpoints, metrics cut back to the resumed
+step), the stages of `run`, the grid of variants x seeds and the command line.
 """
 import argparse
 import contextlib
