@@ -41,7 +41,7 @@ Commands:
   python data.py aggregate RAW.jsonl -o TRAIN.jsonl [--method mean|median|majority|best] [--golden FILE]
   python data.py import FORMAT FILE... -o CONVERSATIONS.jsonl [--n N] [--seed S]
   python data.py preview TRAIN.jsonl --variant explanation --n 3 [--tokenizer PATH]
-  python data.py demo -o demo/
+  (python demo.py --corpus-only --out demo/   writes the demo corpus alone)
 
 Length: ~820 lines, more than the ~600 the other modules keep to, because the design gives this
 one file the whole data path: records and their checks, aggregation (rate.py must not aggregate),
@@ -773,10 +773,6 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.model or model folder (default: tokenizer.model beside FILE)")
     p.add_argument("--max-len", type=int)
     p.add_argument("--seed", type=int)
-    p = sub.add_parser("demo", help="write the synthetic demo corpus (conversations, raw, train, golden, corpus, tokenizer)")
-    p.add_argument("-o", "--out", default="demo")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--n-per-dataset", type=int)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "validate":
@@ -810,10 +806,6 @@ def main(argv=None):
             print(f"wrote {len(records)} conversations to {args.out} ({len(problems)} entries skipped, listed above)")
         elif args.cmd == "preview":
             _preview(args)
-        elif args.cmd == "demo":
-            import demo  # the demo corpus (its module imports torch, for the demo experiment)
-            paths = demo.write_demo(args.out, **_given(seed=args.seed, n_per_dataset=args.n_per_dataset))
-            print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
     except (DataError, TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

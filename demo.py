@@ -2,7 +2,7 @@
 experiment in miniature on it, with no download and in minutes on a laptop CPU.
 
     python demo.py                # (or python train.py with no arguments) -> runs/demo
-    python data.py demo -o demo/  # the corpus alone
+    python demo.py --corpus-only --out demo/     # the corpus alone
 
 The corpus (write_demo) stands in for the paper's data: six datasets x three axes, each response
 with four hidden binary cues per axis and its true rating 1 + the number of good cues, three
@@ -260,8 +260,15 @@ def main(argv=None):
     p = argparse.ArgumentParser("demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="where the corpus, base model and runs go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus-only", action="store_true",
+                   help="write the corpus (conversations, raw, train, golden, corpus, tokenizer) and stop")
+    p.add_argument("--n-per-dataset", type=int, default=150, help="with --corpus-only: items per dataset")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if a.corpus_only:
+            paths = write_demo(a.out, seed=a.seed, n_per_dataset=a.n_per_dataset)
+            print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
+            return 0
         experiment(a.out, a.seed)
     except (train.TrainError, ModelError, data.DataError, data.TokenizerError, lora.AdapterError,
             evaluate.EvalError, OSError) as e:

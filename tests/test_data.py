@@ -632,3 +632,12 @@ def test_import_and_aggregate_that_produce_nothing_fail(tmp_path, capsys):
                                                        "scale": 5, "score": None, "error": "no score"}]}])
     assert data.main(["aggregate", raw, "-o", out]) == 2
     assert "aggregation left no training record" in capsys.readouterr().err and not os.path.exists(out)
+
+
+def test_demo_corpus_only_command_writes_the_corpus_and_trains_nothing(tmp_path, capsys):
+    import demo
+    assert demo.main(["--corpus-only", "--out", str(tmp_path), "--n-per-dataset", "3"]) == 0
+    records = data.load_records(str(tmp_path / "train.jsonl"))
+    assert len(records) == 3 * 6 * 3 and "train.jsonl" in capsys.readouterr().out  # 3 items x 6 datasets x 3 axes
+    assert sorted(os.listdir(tmp_path)) == ["conversations.jsonl", "corpus.txt", "golden.jsonl", "raw.jsonl",
+                                            "tokenizer.model", "tokenizer.vocab", "train.jsonl"]  # no base/, no runs
