@@ -85,7 +85,9 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(self.rank) if rslora else alpha / self.rank
 
     def forward(self, x):
-        y = self.base_layer(x)  # (..., out)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)  # (N, in): one row per token, the shape the matmuls take
+        y = self.base_layer(x)  # (N, out)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
         scale = self.scaling
@@ -94,12 +96,14 @@ class LoRALinear(nn.Module):
             scale = scale * rescale
         # the scale multiplies the (..., r) activation, not the (..., out) update: the same product,
         # r / out of the work (A and B are linear)
-        h = self.lora_A(x) * scale  # (..., r)
-        if h.dtype != y.dtype and not torch.is_autocast_enabled(x.device.type):  # a bf16 base, no autocast
-            return y + self.lora_B(h).to(y.dtype)
-        # y + h @ B.T in one matmul that accumulates into y, instead of a matmul and then an add
-        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
-                           self.lora_B.weight.t()).view(y.shape)  # (..., out)
+        h = self.lora_A(x) * scale  # (N, r)
+        if h.dtype == y.dtype:
+            # y += h @ B.T, accumulated by the matmul into the base output's own memory: no second
+            # (N, out) tensor to allocate, fill and add (the base layer keeps nothing that needs y)
+            y.addmm_(h, self.lora_B.weight.t().to(h.dtype))
+        else:  # a bf16 base without autocast: the update was computed in fp32
+            y = y + self.lora_B(h).to(y.dtype)
+        return y.view(*lead, self.out_features)  # (..., out)
 
     def merged_weight(self):
         """W + scaling * B @ A, summed in fp32, in W's dtype; an NF4 base is dequantised first."""
@@ -127,8 +131,10 @@ def dropout(x, p):
     cut = round(p * 65536)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # the full 64-bit range
-    keep = bits.view(torch.int16)[:n].view(x.shape) >= cut - 32768
-    return x * keep, 65536 / (65536 - cut)
+    drop = bits.view(torch.int16)[:n].view(x.shape) < cut - 32768
+    # where, not x * mask (a bool factor is first cast to a float copy) nor masked_fill (a clone, then
+    # a fill): one pass forward and one backward
+    return torch.where(drop, 0.0, x), 65536 / (65536 - cut)
 
 
 def _is_linear(module):
