@@ -100,8 +100,7 @@ def test_smoke_end_to_end(tmp_path, capsys):
     assert all(r["n"] >= 2 for r in check["rows"])
     assert "rater check (AUC" in open(os.path.join(results, "aggregation.txt")).read()
     check_finished(out, results)
-    assert seconds < 120, f"the smoke study took {seconds:.0f} s"
-    with capsys.disabled():
+    with capsys.disabled():  # how long it took is printed, never asserted: the suite holds no wall clock
         print(f"\nsmoke study: {seconds:.1f} s")
 
     # a finished study reruns as a no-op: every stage skipped, nothing rewritten
