@@ -94,7 +94,7 @@ class LoRALinear(nn.Module):
         if self.training and self.dropout > 0:
             x, rescale = dropout(x, self.dropout)
             scale = scale * rescale
-        # the scale multiplies the (..., r) activation, not the (..., out) update: the same product,
+        # the scale multiplies the (N, r) activation, not the (N, out) update: the same product,
         # r / out of the work (A and B are linear)
         h = self.lora_A(x) * scale  # (N, r)
         if h.dtype == y.dtype:

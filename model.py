@@ -442,9 +442,9 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
     """Load a Llama/Mistral model from a Hugging Face-format folder or a llama.cpp .gguf file. The
     model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
     dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
-    weights are never held twice. Unless quantising, a CPU tensor already in `dtype` is not copied: it stays a
-    view of the memory-mapped shard (copy-on-write, so merging LoRA into it never touches the file),
-    and its pages are read when a forward pass first uses them, as `transformers` does. dtype
+    weights are never held twice. Unless quantising, a CPU tensor already in `dtype` is not even
+    copied: it stays a view of the memory-mapped shard (copy-on-write, so writing into it never
+    touches the file), read when a forward pass first uses it, as `transformers` does. dtype
     defaults to float32 on CPU and bfloat16 elsewhere."""
     mapped = not _is_gguf(path)  # safetensors shards are memory-mapped; GGUF tensors are dequantised copies
     if mapped:
