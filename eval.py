@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -208,11 +209,12 @@ def split_records(path, split="test", axes="", datasets="", skip_bad=False, axes
     return records
 
 
-def load_scorer(model_dir, adapter=None, device="auto", quantize=None):
-    """(model in eval mode, tokenizer, device): a base checkpoint, with a LoRA adapter when given."""
+def load_scorer(model_dir, adapter=None, device="auto", quantize=None, dtype=None):
+    """(model in eval mode, tokenizer, device): a base checkpoint (in `dtype`, default load_model's),
+    with a LoRA adapter when given."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     tok = data.Tokenizer(model_dir)
-    model = load_model(model_dir, device=device, quantize=quantize or None)
+    model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize or None)
     data.check_vocab(tok, model.config.vocab_size, model_dir)
     if adapter:
         lora.load_adapter(model, adapter)
@@ -286,13 +288,17 @@ def run_records(cfg, split):
 def open_run(run_dir, checkpoint="best", device="auto", quantize=None):
     """What eval.py, analysis.py and study.py read of a run folder: (model, tokenizer, device,
     train config, checkpoint folder), the base model with the adapter of run_dir/<checkpoint> (best/,
-    or last/ for a run without a validation split), in 4 bits if the run was (or `quantize` says)."""
+    or last/ for a run without a validation split), in 4 bits if the run was (or `quantize` says),
+    and in the dtype the run trained in when it named one (a bf16 CPU run is scored in bf16, as it
+    trained; "auto" keeps load_model's default)."""
     cfg = read_run_config(run_dir)
     if cfg.get("full"):
         raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
                         f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
     ckpt = run_checkpoint(run_dir, checkpoint)
-    model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize)
+    dtype = cfg.get("dtype") if cfg.get("dtype", "auto") != "auto" else None
+    model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize,
+                                     dtype)
     return model, tok, device, cfg, ckpt
 
 
@@ -479,9 +485,12 @@ def compare(runs, out=None, split="test", n_boot=2000, seed=0):
         pooled = [r for _, rows in grid[v].values() for r in rows]
         gold, pred = _gold_pred(pooled)
         calibration[v] = reliability(np.array([r["probs"] for r in pooled]), gold, pred)
+    rows = next(iter(next(iter(grid.values())).values()))[1]  # every run was scored on these items
+    by_setting = {s: [r["gold"] for r in rows if s == "overall" or f"{r['dataset']}/{r['axis']}" == s] for s in settings}
+    majority = {s: Counter(g).most_common(1)[0][1] / len(g) for s, g in by_setting.items()}
     summary = {"split": split, "runs": {v: {str(s): run for s, (run, _) in grid[v].items()} for v in variants},
                "table": table, "versus_label": versus, "reliability": calibration,
-               "gap": gap}
+               "gap": gap, "majority": majority}
     out = out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in runs]), "compare")
     write_comparison(out, summary, variants, settings)
     return summary
@@ -497,10 +506,12 @@ def markdown(summary, variants, settings):
 
     def row(*cells):
         return "| " + " | ".join(cells) + " |"
+    majority = summary.get("majority", {})
     lines = [f"# Accuracy on the {summary['split']} split, mean ± std over seeds", "",
-             row("dataset", "axis", *(f"{v} ({n_seeds[v]} seeds)" for v in variants)),
-             row(*["---"] * (2 + len(variants)))]
-    lines += [row(*(s.rsplit("/", 1) if s != "overall" else ["**overall**", ""]), *(cell(s, v) for v in variants))
+             row("dataset", "axis", "majority class", *(f"{v} ({n_seeds[v]} seeds)" for v in variants)),
+             row(*["---"] * (3 + len(variants)))]
+    lines += [row(*(s.rsplit("/", 1) if s != "overall" else ["**overall**", ""]),
+                  f"{majority[s]:.3f}" if s in majority else "", *(cell(s, v) for v in variants))
               for s in settings]
     if versus:
         lines += ["", "## Against label-only", "",

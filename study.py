@@ -1,45 +1,48 @@
 """The paper's experiment end to end at a chosen size, in one resumable command.
 
-    python study.py --dry-run                      # the plan and time estimate of every size
+    python study.py --dry-run                      # every size's plan, power arithmetic and time estimate
     python study.py --smoke --out /tmp/s           # tiny models built here, seconds (the tests run it)
-    python study.py --quick                        # SmolLM2-135M-Instruct rates and learns, ~10 min on 2 CPU cores
-    python study.py --default                      # the CPU study, <= 90 min on 2 cores, 3 seeds
+    python study.py --quick                        # SmolLM2-135M-Instruct, every stage at toy size, minutes
+    python study.py --pilot                        # what set the default's length and test size (PILOT)
+    python study.py --default                      # the CPU study, <= 120 min on 2 cores, 3 seeds
     python study.py --paper --student models/Mistral-7B-v0.1   # on a GPU: every conversation
-    python study.py --quick --labels results/default/chitchat-train.jsonl   # start from labelled data
+    python study.py --quick --labels FILE.jsonl    # chit-chat labels from a file instead of the rater
 
 Stages, each skipped when its output is complete (so a killed study continues where it stopped):
   1 conversations  importers.import_conversations("chitchat"): real human chit-chat, cut at a hashed turn
-                   -> conversations.jsonl
+                   -> conversations.jsonl (the rater's input)
   2 corpus         demo.write_demo: the controlled corpus (explanations name the cues that set each
                    label), a sample of it -> demo/
   3 models         the rater and the student: SmolLM2's GGUF (model.smollm2_path()), or for --smoke a
                    tokenizer, a scripted tiny rater and a tiny random student built here -> models/
-  4 ratings        rate.py: one rater x the four prompting strategies x three axes, sampled K times;
-                   rate.py summarize; data.aggregate(method="mean") -> raw.jsonl, chitchat-train.jsonl,
-                   aggregation.txt, labels.json (a warning when an axis collapses onto one label)
-  5 training       per corpus, train.py grid over every variant x seed, plus the label-dilution
-                   control (explanation and random with rating_weight) -> <corpus>/runs/<variant>[+rw]-s<seed>
+  4 ratings        the labels of each source, and before any training the figure that says whether
+                   an axis carries signal (an axis without it is dropped and reported):
+                   rater:  rate.py check (AUC, real reply vs a worsened copy), then rate.py on the kept
+                           axes x four strategies x K samples, summarize, data.aggregate(mean)
+                   damage: damage.make_records (graded damage to real replies, grade known), then
+                           damage.check (grade vs the student's log-probability of the reply), one file
+                           per training size -> sources.json, damage-<n>.jsonl, chitchat-train.jsonl
+  5 training       per corpus, train.py grid over every variant x seed (+ the label-dilution control
+                   where a size asks for it) -> <corpus>/runs/<variant>[+rw]-s<seed>
   6 results        eval.py (each run scored, then compare) and analysis.py per corpus -> <corpus>/compare,
-                   <corpus>/analysis (the +rw runs are columns of their own); the small files copied to
+                   <corpus>/analysis; the small files, every run's predictions included, copied to
                    --results with study.json
 Outputs are written under a temporary name and renamed; rate.py and train.py resume by themselves
 (rate.py appends and skips ratings it has, train.py continues from its last checkpoint). Every stage
 start, unit of work and end is appended to study.log.jsonl, the wall times in study.json come from it.
 
-The sizes are fixed below (SIZES) and were set before any study ran, from the speeds in SPEED; they
-are not tuned towards any answer. One rater sampled K times is not the paper's ensemble of three
-models: the averaging and summarising are the same, the raters' diversity is not. The chit-chat
-package has 4,017 conversations that can be cut, so the paper size rates 12,051 items, not 15,000.
-Known today: every SmolLM2-135M-Instruct rating parses (the score is read from its digit
-distribution after a prefilled "Score:"), but the rater check of stage 4 (rate.py check: each
-response against a copy made worse on the axis) finds its scores blind to the response on all three
-axes and all four strategies, so the chit-chat labels test learning from labels without signal;
-the demo corpus is the half where labels and explanations carry the cues (see the README).
-Left out: the work itself (data.py, rate.py, train.py, eval.py and analysis.py do it; this file
-calls them), the other five datasets (their files are not on this machine), and any download.
+The sizes are fixed below (SIZES). The default's length (STEPS) and test size (DAMAGE_CONVERSATIONS)
+follow from the pilot's measurements (PILOT, `--pilot`, on conversations the study never uses) by the
+power arithmetic of power(), printed by --dry-run; they are not tuned towards any answer. The chit-chat
+package has 4,017 conversations that can be cut, ~2,700 of them with a reply of 8-40 words (damage.py).
+Known: SmolLM2-135M-Instruct as a rater is blind (rate.py check: AUC inside chance on every axis
+and strategy), so its labels are checked and dropped; the damage labels are exact by construction.
+Left out: the work itself (data.py, rate.py, damage.py, train.py, eval.py and analysis.py do it; this
+file calls them), the other five datasets (their files are not on this machine), and any download.
 
-Length: ~800 lines, one concern: the experiment's stages as methods of `Study` (~290 lines)
-with its sizes, time estimate, atomic files and log. The work of each stage is in the other files.
+Length: ~1,080 lines, one concern: the experiment's stages as methods of `Study` (~370 lines) with
+its sizes, plan, power arithmetic, pilot, time estimate, atomic files and log. The work of each stage
+is in the other files.
 """
 import argparse
 import contextlib
@@ -59,6 +62,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import analysis
+import damage
 import data
 import demo
 import importers
@@ -98,40 +102,78 @@ class Size:
     check_n: int = 20           # conversations of the rater check (real vs corrupted response, score only)
     seed: int = 0               # the conversation sample, the demo corpus and the rater's sampling
     device: str = "auto"        # train.py / eval.py / analysis.py device
+    sources: tuple = ("rater", "demo")  # label sources: "damage" (graded damage to real replies, damage.py),
+                                # "rater" (chit-chat rated by the rater, corpus 'chitchat'), "demo"
+    damage_conversations: int = 0  # chit-chat conversations damaged (3 records each, one per axis)
+    train_sizes: tuple = ()     # training conversations of each damage corpus 'damage-<n>' (x3 axes = items)
+    val_conversations: int = 20  # validation conversations of each damage corpus (None: the whole split)
+    signal_n: int = 150         # records per axis of damage.check (the signal printed before training)
+    drop_blind: bool = True     # leave out (and report) every axis whose labels show no signal before training
+    dtype: str = "auto"         # train.py --dtype (bfloat16 on a CPU with AMX/AVX512-BF16: ~2x a step)
+    lora_dropout: float = 0.05  # train.py --lora-dropout
 
+
+# The power analysis, fixed before the default study ran. HALF_WIDTH: the 95% half-width wanted on the
+# pooled paired accuracy difference (variant minus label). PILOT: what `python study.py --pilot`
+# measured (results/pilot/pilot.json) on damage labels of conversations the study never uses, with the
+# default size's settings: the label-only learning curve and the share of test items on which
+# label-only and explanation runs disagree. STEPS and DAMAGE_CONVERSATIONS follow from them (power()).
+HALF_WIDTH = 0.04
+PILOT = {"steps": 120, "majority": 0.0, "label_accuracy": 0.0, "disagreement": 0.30}
+STEPS = 120
+DAMAGE_CONVERSATIONS = 1250
 
 SIZES = {
     "smoke": Size("smoke", conversations=8, samples=1, demo_per_dataset=4, seeds=(0, 1), steps=2,
                   batch_size=4, micro_batch=4, max_len=256, analysis_n=4, rater="smoke", student="smoke",
-                  lr=1e-3, rank=4, rate_new_tokens=20, rate_prompt_tokens=512, summary_new_tokens=20),
+                  lr=1e-3, rank=4, rate_new_tokens=20, rate_prompt_tokens=512, summary_new_tokens=20,
+                  sources=("damage", "rater", "demo"), damage_conversations=40, train_sizes=(6, 12),
+                  val_conversations=3, signal_n=12,
+                  drop_blind=False),  # a random tiny student and a scripted rater: the plumbing, not signal
     "quick": Size("quick", conversations=3, samples=2, demo_per_dataset=3, seeds=(0,), steps=2,
-                  batch_size=4, micro_batch=4, max_len=160, analysis_n=4, rate_prompt_tokens=320, check_n=3),
-    "default": Size("default", conversations=32, samples=2, demo_per_dataset=6, seeds=(0, 1, 2), steps=4,
-                    batch_size=8, micro_batch=8, max_len=160, analysis_n=8, lr=1e-3, rate_prompt_tokens=384,
-                    rate_new_tokens=32, summary_new_tokens=48, check_n=10),
+                  batch_size=4, micro_batch=4, max_len=160, analysis_n=4, rate_prompt_tokens=320, check_n=3,
+                  sources=("damage", "rater", "demo"), damage_conversations=60, train_sizes=(10, 20),
+                  val_conversations=3, signal_n=30, variants=("label", "explanation", "shuffled", "random"),
+                  rw_variants=(), dtype="bfloat16", lora_dropout=0.0),
+    # The CPU answer. Damage labels (the rater's are checked, and dropped where blind, as SmolLM2-135M's
+    # were; the demo corpus is left out for time). Two training sizes at equal compute: 40
+    # conversations (120 items) seen 8 times, and 320 (960 items) seen once, in STEPS steps of 8,
+    # the length at which the pilot's label-only student beat the majority class by more than 0.15.
+    # Test: every test-split conversation of DAMAGE_CONVERSATIONS (~750 items), sized by power().
+    # Variants: label, explanation and the two pseudo-explanations at the ends of the range (the
+    # explanation's own words shuffled; random tokens); bow and filler fit no 2-hour budget here.
+    "default": Size("default", conversations=32, samples=2, demo_per_dataset=6, seeds=(0, 1, 2), steps=STEPS,
+                    batch_size=8, micro_batch=8, max_len=176, analysis_n=40, lr=1e-3, rate_prompt_tokens=384,
+                    rate_new_tokens=32, summary_new_tokens=48, check_n=16, sources=("damage", "rater"),
+                    damage_conversations=DAMAGE_CONVERSATIONS, train_sizes=(40, 320), val_conversations=20,
+                    variants=("label", "explanation", "shuffled", "random"), rw_variants=(),
+                    dtype="bfloat16", lora_dropout=0.0),
     "paper": Size("paper", conversations=None, samples=3, demo_per_dataset=150, seeds=(0, 1, 2), steps=0,
                   batch_size=16, micro_batch=8, max_len=512, analysis_n=500, checkpointing=True,
                   rate_batch=64, rate_prompt_tokens=1024, rate_new_tokens=96, summary_new_tokens=128,
-                  device="cuda"),
+                  device="cuda", sources=("damage", "rater", "demo"), damage_conversations=2700,
+                  train_sizes=(200, 1400), val_conversations=100),
 }
 STAGES = ("conversations", "corpus", "models", "ratings", "training", "results")
-CORPORA = ("chitchat", "demo")
 COLLAPSE = 0.8  # warn when one label holds more than this share of an axis
 RAW_MAX_BYTES = 5 << 20  # the raw ratings go into --results too when smaller than this
 CHITCHAT_CONVERSATIONS = 4017  # of the package's 7,168, those with two turns or more
+Z_FAMILY = 2.50  # the rater check keeps an axis when one of its 4 strategies beats chance at this z
+                 # (Bonferroni: 4 tests at 95% together), not 1.96 for each
 
-# Speeds for the time estimates, measured on the 2-core CPU development machine (AMD EPYC, torch
-# 2.13 CPU): SmolLM2 LoRA training ~130 tokens/s (batch 8 x ~100-130 tokens), a scoring forward
-# ~230 tokens/s (80 prompts of ~250 tokens in ~90 s), 48 ratings (4 chit-chat conversations x 3 axes
-# x 4 strategies, 32 new tokens, batch 16) in 63 s: 1.3 s each, reading each prompt once (2.3 s when
-# the prompt was read twice). A rating is assumed to cost rating_s x (prompt + 3 x new) / 320 seconds.
+# Speeds for the time estimates, measured on the 2-core CPU development machines (torch 2.13 CPU):
+# SmolLM2 fp32 (AMD EPYC): LoRA training ~130 tokens/s (batch 8 x ~100-130 tokens), a scoring
+# forward ~230 tokens/s, 48 ratings in 63 s: 1.3 s each, reading each prompt once. A rating is
+# assumed to cost rating_s x (prompt + 3 x new) / 320 seconds. SmolLM2 bf16 (Intel Xeon with AMX,
+# 2026-12-07): LoRA training ~450 tokens/s (batch 8 x ~75 tokens, dropout 0), scoring ~2,500 tokens/s.
 # "smoke" from its own runs. No GPU speeds: unmeasured.
 SPEED = {
     "smollm2": {"load_s": 1.5, "train_tok_s": 130.0, "forward_tok_s": 230.0, "rating_s": 1.3, "run_s": 2.0},
+    "smollm2-bf16": {"load_s": 2.0, "train_tok_s": 450.0, "forward_tok_s": 2500.0, "rating_s": 1.3, "run_s": 2.0},
     "smoke": {"load_s": 0.02, "train_tok_s": 10000.0, "forward_tok_s": 50000.0, "rating_s": 0.015, "run_s": 0.15},
 }
 TOKENS = {"chitchat": 55, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
-          "rubric": 90, "examples": 160, "rated_explanation": 35}
+          "rubric": 90, "examples": 160, "rated_explanation": 35, "damage": 35}
 SMOKE_ANSWER = "Score:{}\nExplanation:Fluent reply."  # what the scripted smoke rater says, score sampled
 
 
@@ -211,6 +253,20 @@ class Log:
                     out.append(json.loads(line))
         return out
 
+    def unit_seconds(self, stage):
+        """{unit: seconds} of one stage: each unit's end minus the end of the unit (or the stage start)
+        before it in the same invocation; the last invocation that finished a unit wins."""
+        out, last = {}, {}
+        for e in self.events():
+            if e["stage"] != stage:
+                continue
+            if e["event"] == "start":
+                last[e["run"]] = e["t"]
+            elif e["event"] == "unit" and e["run"] in last:
+                out[e["what"]] = e["t"] - last[e["run"]]
+                last[e["run"]] = e["t"]
+        return out
+
     def seconds(self):
         """Wall time per stage, summed over the invocations that worked on it (start to their last
         unit or end: a killed invocation counts up to its last finished unit)."""
@@ -250,29 +306,60 @@ def run_names(size):
     return out
 
 
+def corpora(size):
+    """The corpora a size trains on, in order: 'damage-<n>' per training size, 'chitchat', 'demo'."""
+    out = [f"damage-{n}" for n in size.train_sizes] if "damage" in size.sources else []
+    return out + ["chitchat"] * ("rater" in size.sources) + ["demo"] * ("demo" in size.sources)
+
+
 def counts(size, labels=None):
     """Conversations, and items per corpus and split as planned (data.split_of: 70% train, 10% val,
-    20% test); with labels, the chit-chat items are that file's records."""
+    20% test); with labels, the chit-chat items are that file's records. A damage corpus keeps
+    n training conversations, val_conversations of the validation split and the whole test split."""
     n_conv = size.conversations or CHITCHAT_CONVERSATIONS
     n_labels = None
     if labels and os.path.isfile(labels):
         with open(labels) as f:
             n_labels = sum(1 for line in f if line.strip())
     items = {"chitchat": n_labels or 3 * n_conv, "demo": 3 * 6 * size.demo_per_dataset}
-    return n_conv, {c: {"all": n, "train": round(0.7 * n), "val": round(0.1 * n), "test": round(0.2 * n)}
-                    for c, n in items.items()}
+    out = {c: {"all": n, "train": round(0.7 * n), "val": round(0.1 * n), "test": round(0.2 * n)}
+           for c, n in items.items()}
+    n_axes = len(damage.DAMAGE)
+    for n in size.train_sizes:
+        val = min(size.val_conversations or size.damage_conversations, round(0.1 * size.damage_conversations))
+        split = {"train": n_axes * n, "val": n_axes * val, "test": n_axes * round(0.2 * size.damage_conversations)}
+        out[f"damage-{n}"] = dict(split, all=sum(split.values()))
+    return n_conv, out
+
+
+def _tokens(corpus):
+    return TOKENS["damage" if corpus.startswith("damage") else corpus]
+
+
+def speed(size, role):
+    """The SPEED row a rater or student runs at (the bf16 row when the size trains in bf16), None
+    where unmeasured (any GPU)."""
+    if size.device.startswith("cuda") or (size.device == "auto" and torch.cuda.is_available()):
+        return None
+    kind = _kind(getattr(size, role))
+    if kind and role == "student" and size.dtype == "bfloat16" and kind + "-bf16" in SPEED:
+        kind += "-bf16"
+    return SPEED.get(kind)
 
 
 def estimate(size, labels=None):
     """Planned seconds per stage (None where the speeds are unmeasured, e.g. any GPU)."""
-    rater, student = SPEED.get(_kind(size.rater)), SPEED.get(_kind(size.student))
-    if size.device.startswith("cuda") or (size.device == "auto" and torch.cuda.is_available()):
-        rater = student = None
+    rater, student = speed(size, "rater"), speed(size, "student")
     n_conv, items = counts(size, labels)
     est = {"conversations": 2.0, "corpus": 1.0 + 0.002 * items["demo"]["all"], "models": 2.0}
-    if labels:
-        est["conversations"], est["ratings"] = 0.0, 0.0
-    elif rater:
+    est["ratings"] = 0.0
+    if "damage" in size.sources:  # damage.check: one forward over signal_n records per axis
+        est["ratings"] = (student["load_s"] + 3 * size.signal_n * TOKENS["damage"] / student["forward_tok_s"]
+                          if student else None)
+    if "rater" not in size.sources or labels:
+        est["conversations"] = 0.0 if labels else est["conversations"]
+    elif rater and est["ratings"] is not None:
+        rater = speed(size, "student") if size.dtype == "bfloat16" and _kind(size.rater) == _kind(size.student) else rater
         def gen(prompt, new):  # seconds per generated answer
             return rater["rating_s"] * (prompt + 3 * new) / 320
         prompt = min(size.rate_prompt_tokens, TOKENS["rubric"] + TOKENS["chitchat"] + TOKENS["examples"] / 2)
@@ -280,30 +367,46 @@ def estimate(size, labels=None):
                       + 4 * size.samples * TOKENS["rated_explanation"])
         n_ratings = n_conv * len(data.AXES) * len(rate.STRATEGIES) * size.samples
         n_check = 2 * min(size.check_n, n_conv) * len(data.AXES) * len(rate.STRATEGIES)  # forwards, no generation
-        est["ratings"] = (3 * rater["load_s"] + n_check * prompt / rater["forward_tok_s"]
-                          + n_ratings * gen(prompt, size.rate_new_tokens)
-                          + n_conv * len(data.AXES) * gen(summary, size.summary_new_tokens))
+        est["ratings"] += 3 * rater["load_s"] + n_check * prompt / rater["forward_tok_s"]
+        if not size.drop_blind:  # else: planned as dropped, as SmolLM2's blind ratings are (the check decides)
+            est["ratings"] += (n_ratings * gen(prompt, size.rate_new_tokens)
+                               + n_conv * len(data.AXES) * gen(summary, size.summary_new_tokens))
     else:
         est["ratings"] = None
     if student is None:
         est["training"] = est["results"] = None
         return est
     train_s = results_s = 0.0
-    for corpus in CORPORA:
+    planned = [c for c in corpora(size) if c != "chitchat" or labels or not size.drop_blind]
+    for corpus in planned:
         n = items[corpus]
-        per_ex = min(size.max_len, TOKENS[corpus] + TOKENS["prompt"])
+        per_ex = min(size.max_len, _tokens(corpus) + TOKENS["prompt"])
         steps = size.steps or math.ceil(size.epochs * n["train"] / size.batch_size)
         for _, variant, _, _ in run_names(size):
             tokens = per_ex + (TOKENS["explanation"] if variant != "label" else 0)
             train_s += (student["load_s"] + student["run_s"] + steps * size.batch_size * tokens / student["train_tok_s"]
                         + n["val"] * tokens / student["forward_tok_s"])
         n_runs = len(run_names(size))
-        analysed = n_runs
         n_an = min(size.analysis_n or n["test"], n["test"])
         results_s += (n_runs * (student["load_s"] + n["test"] * per_ex / student["forward_tok_s"])
-                      + analysed * (student["load_s"] + 2 * n_an * per_ex / student["forward_tok_s"]) + 0.5)
+                      + n_runs * (student["load_s"] + 2 * n_an * per_ex / student["forward_tok_s"]) + 0.5)
     est["training"], est["results"] = train_s, results_s
     return est
+
+
+def power(size):
+    """The power arithmetic behind a size's test set, from PILOT's disagreement rate (None without a
+    damage corpus). The paired difference of one item, variant minus label, is -1, 0 or +1; its
+    variance is at most the share q of items where the two disagree (less once averaged over seeds),
+    so the 95% half-width of the pooled mean is at most 1.96 sqrt(q / N), and N >= (1.96 / h)^2 q
+    items keep it under h."""
+    if "damage" not in size.sources or not size.train_sizes:
+        return None
+    q = PILOT["disagreement"]
+    need = math.ceil((1.96 / HALF_WIDTH) ** 2 * q)
+    n_test = counts(size)[1][f"damage-{size.train_sizes[0]}"]["test"]
+    return {"disagreement": q, "half_width": HALF_WIDTH, "needed": need, "planned": n_test,
+            "expected_half_width": 1.96 * math.sqrt(q / n_test)}
 
 
 def describe(size, labels=None, rater=None, student=None):
@@ -313,19 +416,35 @@ def describe(size, labels=None, rater=None, student=None):
     est = estimate(size, labels)
     runs = len(run_names(size))
     total = None if None in est.values() else sum(est.values())
-    lines = [f"study '{size.name}': rater {size.rater}, student {size.student}",
-             f"  data      {'labels from ' + labels if labels else f'{n_conv} chit-chat conversations'} "
-             f"(~{items['chitchat']['all']} items x axis) + demo corpus {items['demo']['all']} items "
-             f"(6 datasets x {size.demo_per_dataset} x 3 axes)",
-             f"  ratings   " + ("none (--labels)" if labels else
-                                f"{n_conv * 12 * size.samples} = {n_conv} x 3 axes x 4 strategies x {size.samples} "
-                                f"samples (temperature {size.temperature}), {n_conv * 3} summaries"),
-             f"  training  {runs} runs per corpus = ({len(size.variants)} variants + {len(size.rw_variants)} "
-             f"rating-weighted) x {len(size.seeds)} seeds, "
-             + (f"{size.steps} steps" if size.steps else f"{size.epochs:g} epoch(s)")
-             + f" of {size.batch_size} examples, max_len {size.max_len}, LoRA r={size.rank}, lr {size.lr:g}",
-             "  estimate  " + ", ".join(f"{s} {_clock(est[s])}" for s in STAGES) + f"; total {_clock(total)}"
-             + ("" if total is not None else " (speeds for this model or device were not measured)")]
+    lines = [f"study '{size.name}': rater {size.rater}, student {size.student}, label sources "
+             + ", ".join(size.sources)]
+    for c in corpora(size):
+        n = items[c]
+        what = ({"chitchat": "chit-chat " + (f"labels from {labels}" if labels else "rated by the rater"),
+                 "demo": f"demo corpus (6 datasets x {size.demo_per_dataset} x 3 axes)"}.get(c)
+                or f"graded damage to chit-chat replies, {c.split('-')[1]} training conversations")
+        lines.append(f"  {c:<11} {what}: ~{n['train']} train / {n['val']} val / {n['test']} test items")
+    if "rater" in size.sources:
+        lines.append("  ratings   " + ("none (--labels)" if labels else
+                     f"{n_conv * 12 * size.samples} = {n_conv} x 3 axes x 4 strategies x {size.samples} samples "
+                     f"(temperature {size.temperature}), {n_conv * 3} summaries, on the axes where the rater "
+                     f"check ({size.check_n} conversations) " + ("finds signal" if size.drop_blind else "(all axes)")))
+    lines.append(f"  training  {runs} runs per corpus = ({len(size.variants)} variants + {len(size.rw_variants)} "
+                 f"rating-weighted) x {len(size.seeds)} seeds, "
+                 + (f"{size.steps} steps" if size.steps else f"{size.epochs:g} epoch(s)")
+                 + f" of {size.batch_size} examples, max_len {size.max_len}, LoRA r={size.rank}, lr {size.lr:g}, "
+                 f"dropout {size.lora_dropout:g}, {size.dtype}")
+    if pw := power(size):
+        lines += [f"  power     pilot (results/pilot, runs not reused): label-only and explanation disagree on "
+                  f"q = {pw['disagreement']:.2f} of items; for a 95% half-width <= {pw['half_width']} on the "
+                  f"paired accuracy difference, N >= (1.96 / {pw['half_width']})^2 x q = {pw['needed']} test "
+                  f"items pooled; planned {pw['planned']} (half-width <= {pw['expected_half_width']:.3f} before "
+                  f"averaging over {len(size.seeds)} seeds)",
+                  f"            length: the pilot's label-only accuracy after {PILOT['steps']} steps "
+                  f"{PILOT['label_accuracy']:.3f} vs majority {PILOT['majority']:.3f} (+{PILOT['label_accuracy'] - PILOT['majority']:.3f}; "
+                  f"the study needs +0.15)"]
+    lines.append("  estimate  " + ", ".join(f"{s} {_clock(est[s])}" for s in STAGES) + f"; total {_clock(total)}"
+                 + ("" if total is not None else " (speeds for this model or device were not measured)"))
     return "\n".join(lines), est
 
 
@@ -423,8 +542,8 @@ class Study:
             "settings": "settings.json", "log": "study.log.jsonl", "conversations": "conversations.jsonl",
             "demo": "demo", "models": "models", "models.json": "models.json", "raw": "raw.jsonl",
             "chitchat": "chitchat-train.jsonl", "report": "aggregation.txt", "labels": "labels.json",
-            "check": "rater_check.json",
-            "study": "study.json"}.items()}
+            "check": "rater_check.json", "sources": "sources.json", "damage": "damage-all.jsonl",
+            "signal": "damage_check.json", "study": "study.json"}.items()}
 
     # -- bookkeeping
     def settings(self):
@@ -553,17 +672,36 @@ class Study:
         self.finish("models")
 
     def ratings(self):
+        """The labels of every source, each axis kept only where a figure printed here shows signal
+        (unless drop_blind is off): the rater's (rate.py check, then rating on the kept axes) and the
+        damage corpora's (damage.check). sources.json, written last, marks the stage done."""
+        if not self.stage("ratings", self.p["sources"], _json_ok(self.p["sources"])):
+            with open(self.p["sources"]) as f:
+                self.sources = json.load(f)
+            return
+        sources = {}
+        if "rater" in self.size.sources:
+            sources["chitchat"] = self.rater_labels()
+        if "damage" in self.size.sources:
+            sources["damage"] = self.damage_labels()
+        write_json(sources, self.p["sources"])
+        self.sources = sources
+        for name, x in sources.items():
+            print(f"  {name}: axes kept {', '.join(x['kept']) or 'none'}"
+                  + (f"; dropped (no signal before training) {', '.join(x['dropped'])}" if x["dropped"] else ""))
+        self.finish("ratings")
+
+    def rater_labels(self):
         final = self.p["chitchat"]
         if self.labels:
             if not os.path.exists(final):
                 data.load_records(self.labels, need_explanation=True)  # a bad file fails here, naming the record
                 copy_file(self.labels, final)
-            self.stage("ratings", f"--labels {self.labels}", True)
-            return
-        if not self.stage("ratings", final, os.path.exists(final)):
-            return
+            axes = sorted({r["axis"] for r in data.load_records(final)})
+            return {"kept": axes, "dropped": [], "labels": self.labels}
         s, rater = self.size, self.model_paths["rater"]
         gen = ["--batch-size", str(s.rate_batch), "--max-prompt-tokens", str(s.rate_prompt_tokens), "--seed", str(s.seed)]
+        gen += ["--dtype", s.dtype] if s.dtype != "auto" else []
         if not _json_ok(self.p["check"]):  # does the rater's score see the response at all? (written first)
             print(f"  rater check: {min(s.check_n, self.n_conversations())} conversations, each response against "
                   "a copy made worse on the axis")
@@ -571,37 +709,79 @@ class Study:
                              "--axes", ",".join(data.AXES), "--prompts", ",".join(rate.STRATEGIES),
                              "--n", str(s.check_n), *gen], "rate.py check")
             self.log("ratings", "unit", "checked")
-        _cli(rate.main, ["--raters", rater, "--input", self.p["conversations"], "--out", self.p["raw"],
-                         "--axes", ",".join(data.AXES), "--prompts", ",".join(rate.STRATEGIES),
-                         "--samples", str(s.samples), "--temperature", str(s.temperature),
-                         "--max-new-tokens", str(s.rate_new_tokens), *gen], "rate.py")
-        self.log("ratings", "unit", "rated")
-        _cli(rate.main, ["summarize", "--model", rater, "--input", self.p["raw"],
-                         "--max-new-tokens", str(s.summary_new_tokens), *gen], "rate.py summarize")
-        self.log("ratings", "unit", "summarised")
-        records, rep = data.aggregate(data.load_records(self.p["raw"], kind="raw"), method="mean")
-        if not records:
-            raise StudyError(f"{self.p['raw']}: no item has a valid rating; nothing to train on")
-        dist, warnings = label_distribution(records)
-        if rep["failed"] > rep["valid"]:
-            warnings.append(f"WARNING: most ratings failed ({rep['failed']} of {rep['valid'] + rep['failed']}): "
-                            "the rater wrote no usable explanation (see the errors in raw.jsonl)")
         check, blind = format_check(self.p["check"])
-        warnings += blind
-        text = (data.format_report(rep) + "\n\n" + format_distribution(dist) + "\n\n" + check
-                + "".join(f"\n{w}" for w in warnings))
-        write_text(text + "\n", self.p["report"])
-        write_json({"distribution": dist, "warnings": warnings}, self.p["labels"])
-        _replace_file(lambda tmp: data.write_jsonl(records, tmp), final)  # last: it marks the stage done
-        print("  " + text.replace("\n", "\n  "))
-        self.finish("ratings", f"{len(records)} records")
+        print("  " + check.replace("\n", "\n  "))
+        kept = [a for a in data.AXES if a not in blind or not s.drop_blind]
+        result = {"kept": kept, "dropped": [a for a in data.AXES if a not in kept]}
+        if not kept:
+            write_text(check + "\n\nno axis kept: nothing rated\n", self.p["report"])
+            return result
+        if not os.path.exists(final):
+            _cli(rate.main, ["--raters", rater, "--input", self.p["conversations"], "--out", self.p["raw"],
+                             "--axes", ",".join(kept), "--prompts", ",".join(rate.STRATEGIES),
+                             "--samples", str(s.samples), "--temperature", str(s.temperature),
+                             "--max-new-tokens", str(s.rate_new_tokens), *gen], "rate.py")
+            self.log("ratings", "unit", "rated")
+            _cli(rate.main, ["summarize", "--model", rater, "--input", self.p["raw"],
+                             "--max-new-tokens", str(s.summary_new_tokens), *gen], "rate.py summarize")
+            self.log("ratings", "unit", "summarised")
+            records, rep = data.aggregate(data.load_records(self.p["raw"], kind="raw"), method="mean")
+            if not records:
+                raise StudyError(f"{self.p['raw']}: no item has a valid rating; nothing to train on")
+            dist, warnings = label_distribution(records)
+            if rep["failed"] > rep["valid"]:
+                warnings.append(f"WARNING: most ratings failed ({rep['failed']} of {rep['valid'] + rep['failed']}): "
+                                "the rater wrote no usable explanation (see the errors in raw.jsonl)")
+            warnings += [f"WARNING: no strategy's score on {a} tells a response from its worsened copy better than "
+                         "chance: the labels of this axis carry no measured signal" for a in blind]
+            text = (data.format_report(rep) + "\n\n" + format_distribution(dist) + "\n\n" + check
+                    + "".join(f"\n{w}" for w in warnings))
+            write_text(text + "\n", self.p["report"])
+            write_json({"distribution": dist, "warnings": warnings}, self.p["labels"])
+            _replace_file(lambda tmp: data.write_jsonl(records, tmp), final)  # last: it marks the labels done
+            print("  " + text.replace("\n", "\n  "))
+        return result
+
+    def damage_labels(self):
+        """damage.make_records on the chit-chat package's conversations, damage.check with the student,
+        then one file per training size (the kept axes only)."""
+        s = self.size
+        if not os.path.exists(self.p["damage"]):
+            convs, _ = importers.import_conversations("chitchat", [])
+            records = damage.make_records(convs, seed=s.seed, n=s.damage_conversations)
+            _replace_file(lambda tmp: data.write_jsonl(records, tmp), self.p["damage"])
+        records = data.load_records(self.p["damage"])
+        if not _json_ok(self.p["signal"]):
+            print(f"  damage check: {s.signal_n} records per axis, the grade against the student's log-probability "
+                  "of the reply (before any training)")
+            write_json(damage.check(self.model_paths["student"], [r for r in records if data.split_of(r["id"]) == "train"],
+                                    s.signal_n, s.seed, "bfloat16" if s.dtype == "bfloat16" else "float32"),
+                       self.p["signal"])
+            self.log("ratings", "unit", "damage checked")
+        with open(self.p["signal"]) as f:
+            signal = json.load(f)
+        print("  " + damage.format_check(signal).replace("\n", "\n  "))
+        kept = [a for a in damage.DAMAGE if signal[a]["signal"] or not s.drop_blind]
+        for n in s.train_sizes:
+            path = self.corpus_paths()[f"damage-{n}"]
+            if not os.path.exists(path):
+                part = damage.subset([r for r in records if r["axis"] in kept], n, s.seed, s.val_conversations)
+                _replace_file(lambda tmp: data.write_jsonl(part, tmp), path)
+        return {"kept": kept, "dropped": [a for a in damage.DAMAGE if a not in kept], "signal": signal}
 
     def n_conversations(self):
         with open(self.p["conversations"]) as f:
             return sum(1 for line in f if line.strip())
 
     def corpus_paths(self):
-        return {"chitchat": self.p["chitchat"], "demo": os.path.join(self.p["demo"], "train.jsonl")}
+        paths = {"chitchat": self.p["chitchat"], "demo": os.path.join(self.p["demo"], "train.jsonl")}
+        return paths | {f"damage-{n}": os.path.join(self.out, f"damage-{n}.jsonl") for n in self.size.train_sizes}
+
+    def corpora(self):
+        """The corpora this study trains on: corpora(size) less any source whose every axis was dropped."""
+        source = {"chitchat": "chitchat", "demo": None}
+        return [c for c in corpora(self.size)
+                if (src := source.get(c, "damage")) is None or self.sources.get(src, {}).get("kept")]
 
     def run_dir(self, corpus, name):
         return os.path.join(self.out, corpus, "runs", name)
@@ -613,12 +793,13 @@ class Study:
             model=self.model_paths["student"], data=self.corpus_paths()[corpus], out=os.path.join(self.out, corpus, "runs"),
             rank=s.rank, alpha=2.0 * s.rank, lr=s.lr, batch_size=s.batch_size, micro_batch=s.micro_batch,
             steps=steps, epochs=s.epochs, max_len=s.max_len, checkpointing=s.checkpointing, device=s.device,
-            val_every=steps or 10 ** 9, save_every=steps or 100, log_every=steps or 10)
+            dtype=s.dtype, lora_dropout=s.lora_dropout,
+            val_every=steps or 10 ** 9, save_every=steps or 100, log_every=max(1, steps // 5) if steps else 10)
 
     def training(self):
-        todo = [(c, *r) for c in CORPORA for r in run_names(self.size)
+        todo = [(c, *r) for c in self.corpora() for r in run_names(self.size)
                 if not os.path.exists(os.path.join(self.run_dir(c, r[0]), "done.json"))]
-        n_all = len(CORPORA) * len(run_names(self.size))
+        n_all = len(self.corpora()) * len(run_names(self.size))
         if not self.stage("training", f"{n_all - len(todo)} of {n_all} runs finished", not todo):
             return
         for corpus, name, variant, seed, rw in self.units("training", todo, lambda u: f"{u[0]}/{u[1]}"):
@@ -635,15 +816,15 @@ class Study:
         if not self.stage("results", self.p["study"], os.path.exists(self.p["study"])):
             self.publish()
             return
-        runs = {c: [self.run_dir(c, name) for name, *_ in run_names(self.size)] for c in CORPORA}
-        todo = [r for c in CORPORA for r in runs[c] if not _json_ok(os.path.join(r, "eval-test", "metrics.json"))]
+        runs = {c: [self.run_dir(c, name) for name, *_ in run_names(self.size)] for c in self.corpora()}
+        todo = [r for rs in runs.values() for r in rs if not _json_ok(os.path.join(r, "eval-test", "metrics.json"))]
         for r in self.units("results", todo, lambda r: f"scoring {os.path.relpath(r, self.out)}",
                             share=0.4, rest=0.6):
             shutil.rmtree(os.path.join(r, "eval-test"), ignore_errors=True)  # a scoring cut off by a kill
-            evaluate.score_run(r, split="test")
+            evaluate.score_run(r, split="test", batch_size=32)
         s = self.size
         # eval.py and analysis.py give the rating-weighted runs columns of their own ("explanation+rw")
-        jobs = [(c, what, runs[c]) for c in CORPORA for what in ("compare", "analysis")]
+        jobs = [(c, what, runs[c]) for c in runs for what in ("compare", "analysis")]
         jobs = [j for j in jobs if j[2] and not os.path.isdir(os.path.join(self.out, j[0], j[1]))]
         for c, what, rs in self.units("results", jobs, lambda j: f"{j[0]}/{j[1]} ({len(j[2])} runs)", share=0.6):
             path = os.path.join(self.out, c, what)
@@ -661,23 +842,47 @@ class Study:
     def summary(self):
         n_conv = sum(1 for _ in open(self.p["conversations"])) if os.path.exists(self.p["conversations"]) else None
         items = {}
-        for c, path in self.corpus_paths().items():
-            recs = data.load_records(path)
+        for c in self.corpora():
+            recs = data.load_records(self.corpus_paths()[c])
             items[c] = dict(Counter(data.split_of(r["id"]) for r in recs), all=len(recs))
         seconds = self.log.seconds()
-        return {
+        return {"run_cost": self.run_cost(),
             "settings": self.settings(), "out": os.path.abspath(self.out), "models": self.model_paths,
             "estimate_s": self.est, "wall_s": {s: round(seconds.get(s, 0.0), 1) for s in STAGES},
             "wall_total_s": round(sum(seconds.values()), 1), "conversations": n_conv, "items": items,
             "seeds": list(self.size.seeds), "runs_per_corpus": len(run_names(self.size)),
+            "corpora": self.corpora(), "sources": self.sources, "power": power(self.size), "pilot": PILOT,
             "machine": machine(), "git": _git_head(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         }
 
+    def run_cost(self):
+        """Where a run's time goes, mean seconds per run: the whole training unit, its loop (steps, the
+        final validation, the checkpoint: done.json), the rest (load, tokenising, set-up), and scoring."""
+        train_s, score_s = self.log.unit_seconds("training"), self.log.unit_seconds("results")
+        rows = []
+        for c in self.corpora():
+            for name, *_ in run_names(self.size):
+                done = os.path.join(self.run_dir(c, name), "done.json")
+                wall = train_s.get(f"{c}/{name}")
+                score = score_s.get(f"scoring {os.path.join(c, 'runs', name)}")
+                if wall is not None and _json_ok(done):
+                    with open(done) as f:
+                        loop = json.load(f)["seconds"]
+                    rows.append((wall, loop, score))
+        if not rows:
+            return None
+        mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else None  # noqa: E731
+        return {"runs": len(rows), "train_unit_s": mean([r[0] for r in rows]), "loop_s": mean([r[1] for r in rows]),
+                "outside_loop_s": mean([r[0] - r[1] for r in rows]),
+                "scoring_s": mean([r[2] for r in rows if r[2] is not None])}
+
     def publish(self):
-        """Copy the small result files into --results/<corpus>/ and print each corpus's comparison."""
+        """Copy the small result files into --results: per corpus the comparison, the analysis and,
+        under runs/<run>/, each run's train_config.json and test predictions (enough for eval.py
+        compare to recompute the tables: tests/test_study.py does); print each corpus's comparison."""
         files = {"compare": ("compare.md", "compare.csv", "compare.json", "reliability.png", "differences.png"),
                  "analysis": ("summary.csv", "analysis.json", "per_layer.csv", "entropy_by_layer.png")}
-        for c in CORPORA:
+        for c in self.corpora():
             dst = os.path.join(self.results, c)
             os.makedirs(dst, exist_ok=True)
             for what, names in files.items():
@@ -685,18 +890,80 @@ class Study:
                     src = os.path.join(self.out, c, what, name)
                     if os.path.exists(src):
                         copy_file(src, os.path.join(dst, name))
+            for name, *_ in run_names(self.size):
+                run, kept = self.run_dir(c, name), os.path.join(dst, "runs", name)
+                for part in ("train_config.json", "done.json", "eval-test/predictions.jsonl", "eval-test/metrics.json"):
+                    if os.path.exists(os.path.join(run, part)):
+                        os.makedirs(os.path.dirname(os.path.join(kept, part)), exist_ok=True)
+                        copy_file(os.path.join(run, part), os.path.join(kept, part))
         for key, name in (("chitchat", "chitchat-train.jsonl"), ("report", "aggregation.txt"),
                           ("labels", "labels.json"), ("check", "rater_check.json"), ("study", "study.json"),
-                          ("raw", "raw.jsonl")):
+                          ("raw", "raw.jsonl"), ("sources", "sources.json"), ("signal", "damage_check.json")):
             if os.path.exists(self.p[key]) and (key != "raw" or os.path.getsize(self.p[key]) < RAW_MAX_BYTES):
                 copy_file(self.p[key], os.path.join(self.results, name))
-        for c in CORPORA:
+        for c in self.corpora():
+            if c.startswith("damage-"):  # the labelled records: the test split is every corpus's own
+                copy_file(self.corpus_paths()[c], os.path.join(self.results, f"{c}.jsonl"))
             md = os.path.join(self.out, c, "compare", "compare.md")
             if os.path.exists(md):
                 print(f"\n===== {c}: variants x seeds; '+rw': rating token weighted, the label-dilution "
                       f"control ({os.path.join(self.results, c)}) =====\n"
                       + open(md).read().split("\n## Reliability")[0].rstrip())
-        print(f"\nwrote {self.results}/ (compare.*, analysis files, study.json)")
+        print(f"\nwrote {self.results}/ (compare.*, analysis files, per-run predictions, study.json)")
+
+
+PILOT_CONVERSATIONS = 700  # the pilot's own conversations, after the default study's (never in it)
+PILOT_SEED = 100  # the pilot's training seed (the study's are 0, 1, 2)
+
+
+def pilot(out, results, size=None):
+    """Set the default study's length and test size before it runs, on conversations it never uses:
+    label-only at both training sizes with a learning curve (validation accuracy every steps/5), and
+    explanation at the large size; all scored on the pilot's test split. Writes results/pilot.json
+    with the majority-class share, the curves, the accuracies and the label/explanation disagreement."""
+    size = size or SIZES["default"]
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "pilot-all.jsonl")
+    if not os.path.exists(path):
+        convs, _ = importers.import_conversations("chitchat", [])
+        recs = damage.make_records(convs, seed=size.seed, n=PILOT_CONVERSATIONS, skip=size.damage_conversations)
+        _replace_file(lambda tmp: data.write_jsonl(recs, tmp), path)
+    records = data.load_records(path)
+    model = smollm2_path() if size.student == "smollm2" else size.student
+    runs, curves = {}, {}
+    for n, variant in [(max(size.train_sizes), "label"), (min(size.train_sizes), "label"),
+                       (max(size.train_sizes), "explanation")]:
+        name = f"{variant}-{n}"
+        file = os.path.join(out, f"pilot-{n}.jsonl")
+        if not os.path.exists(file):
+            part = damage.subset(records, n, size.seed, n_val=2 * size.val_conversations)
+            _replace_file(lambda tmp: data.write_jsonl(part, tmp), file)
+        run = os.path.join(out, "runs", name)
+        if not os.path.exists(os.path.join(run, "done.json")):
+            train.run(train.TrainConfig(
+                model=model, data=file, out=run, variant=variant, seed=PILOT_SEED, rank=size.rank, alpha=2.0 * size.rank,
+                lr=size.lr, batch_size=size.batch_size, micro_batch=size.micro_batch, steps=size.steps,
+                max_len=size.max_len, checkpointing=size.checkpointing, dtype=size.dtype, lora_dropout=size.lora_dropout,
+                val_every=max(1, size.steps // 5), save_every=size.steps, log_every=max(1, size.steps // 5),
+                overwrite=True))
+        if not _json_ok(os.path.join(run, "eval-test", "metrics.json")):
+            evaluate.score_run(run, split="test", checkpoint="last", batch_size=32)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            curves[name] = [(r["step"], r["val_rating_accuracy"]) for r in map(json.loads, f) if "val_rating_accuracy" in r]
+        runs[name] = evaluate.read_predictions(os.path.join(run, "eval-test", "predictions.jsonl"))
+    big = max(size.train_sizes)
+    lab, exp = (sorted(runs[f"{v}-{big}"], key=lambda r: (r["id"], r["axis"])) for v in ("label", "explanation"))
+    gold = Counter(r["gold"] for r in lab)
+    acc = {name: sum(r["predicted"] == r["gold"] for r in rows) / len(rows) for name, rows in runs.items()}
+    result = {"steps": size.steps, "test_items": len(lab), "majority": gold.most_common(1)[0][1] / len(lab),
+              "accuracy": acc, "label_accuracy": min(acc[f"label-{n}"] for n in size.train_sizes),
+              "disagreement": sum(a["predicted"] != b["predicted"] for a, b in zip(lab, exp)) / len(lab),
+              "curves": curves, "conversations": PILOT_CONVERSATIONS, "skipped": size.damage_conversations,
+              "seed": PILOT_SEED, "machine": machine(), "git": _git_head()}
+    os.makedirs(results, exist_ok=True)
+    write_json(result, os.path.join(results, "pilot.json"))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1))
+    return result
 
 
 def _cli(main, argv, what):
@@ -729,21 +996,21 @@ def format_distribution(dist):
 
 
 def format_check(path):
-    """The rater check as text, and a warning when no strategy's AUC on an axis is outside chance."""
+    """The rater check as text, and the axes where no strategy's AUC beats chance (0.5 + the rough
+    half-width scaled from z 1.96 to Z_FAMILY: four strategies tested at 95% together)."""
     if not _json_ok(path):
         return "rater check: not run", []
     with open(path) as f:
         rows = json.load(f)["rows"]
-    lines = ["rater check (AUC of the expected score, real response vs a copy made worse on the axis; "
-             "0.5 = blind):"]
+    lines = [f"rater check (AUC of the expected score, real response vs a copy made worse on the axis; 0.5 = blind; "
+             f"an axis is kept when one strategy's AUC is above 0.5 + the chance half-width x {Z_FAMILY / 1.96:.2f}):"]
     lines += [f"  {r['axis']:18} {r['prompt']:16} {r['auc']:.2f} (chance +- {r['half_width_at_chance']:.2f}, "
               f"n {r['n']})" for r in rows if r["auc"] is not None]
-    warnings = [f"WARNING: on {axis} no strategy's score tells a response from its worsened copy better than "
-                "chance: the labels of this axis carry no measured signal about the response"
-                for axis in dict.fromkeys(r["axis"] for r in rows)
-                if not any(r["auc"] is not None and r["auc"] - 0.5 > r["half_width_at_chance"]
-                           for r in rows if r["axis"] == axis)]
-    return "\n".join(lines), warnings
+    blind = [axis for axis in dict.fromkeys(r["axis"] for r in rows)
+             if not any(r["auc"] is not None and r["auc"] - 0.5 > r["half_width_at_chance"] * Z_FAMILY / 1.96
+                        for r in rows if r["axis"] == axis)]
+    lines += [f"  {axis}: no signal" for axis in blind]
+    return "\n".join(lines), blind
 
 
 def machine():
@@ -778,12 +1045,21 @@ def main(argv=None):
     p.add_argument("--rater", help="rater checkpoint instead of the size's (a folder or a .gguf)")
     p.add_argument("--student", help="student checkpoint instead of the size's (a folder or a .gguf)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate, run nothing")
+    p.add_argument("--pilot", action="store_true", help="the pilot that set the default study's length and test "
+                   "size (PILOT in study.py), on conversations the study never uses -> results/pilot/pilot.json")
     a = p.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, through a pipe too
     if a.dry_run:
         for name in ([a.size] if a.size else SIZES):
             print(describe(SIZES[name], a.labels, a.rater, a.student)[0] + "\n")
+        return 0
+    if a.pilot:
+        try:
+            pilot(a.out or os.path.join("runs", "pilot"), a.results or os.path.join("results", "pilot"))
+        except (StudyError, train.TrainError, ModelError, data.DataError, evaluate.EvalError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if not a.size:
         p.error("choose a size: --smoke, --quick, --default or --paper (--dry-run shows each plan)")

@@ -282,7 +282,8 @@ def test_compare_reproduces_known_differences(grid, tmp_path, monkeypatch, capsy
     assert v["explanation"]["sign_p"] == pytest.approx(0.125) and v["random"]["sign_p"] == pytest.approx(0.25)
 
     md = read(os.path.join(out, "compare.md"))
-    assert "| coqa | naturalness | 0.500 ± 0.000 | 0.800 ± 0.000 | 0.650 ± 0.071 | 0.500 ± 0.000 |" in md
+    assert s["majority"] == {k: pytest.approx(0.2) for k in [f"{d}/{a}" for d, a in SETTINGS] + ["overall"]}  # 1..5 twice
+    assert "| coqa | naturalness | 0.200 | 0.500 ± 0.000 | 0.800 ± 0.000 | 0.650 ± 0.071 | 0.500 ± 0.000 |" in md
     assert "| shuffled | 4/4 | 50% | +0.150 [" in md
     assert "| coqa/naturalness | +0.300 | +0.150 | +0.000 |" in md and "## Reliability" in md
     csv = read(os.path.join(out, "compare.csv")).splitlines()

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 LIBRARY = {"model", "gguf_file", "tokenizer", "lora", "quant", "data", "importers"}  # what commands build on
-COMMANDS = {"train", "eval", "analysis", "rate", "study", "demo"}
+COMMANDS = {"train", "eval", "analysis", "rate", "damage", "study", "demo"}
 
 
 def imports(module):

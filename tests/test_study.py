@@ -17,7 +17,9 @@ import rate
 import study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N_RUNS = len(study.CORPORA) * len(study.run_names(study.SIZES["smoke"]))
+SMOKE = study.SIZES["smoke"]
+CORPORA = study.corpora(SMOKE)  # damage-6, damage-12, chitchat, demo (smoke keeps every axis: drop_blind off)
+N_RUNS = len(CORPORA) * len(study.run_names(SMOKE))
 
 
 def events(out):
@@ -69,7 +71,7 @@ def check_finished(out, results):
         assert steps == sorted(set(steps)), r  # a resumed run logs each step once
     trained = Counter(e["what"] for e in events(out) if e["stage"] == "training" and e["event"] == "unit")
     assert max(trained.values()) == 1
-    for corpus in study.CORPORA:
+    for corpus in CORPORA:
         for name in ("compare.md", "compare.json", "summary.csv", "analysis.json"):
             assert os.path.exists(os.path.join(results, corpus, name)), (corpus, name)
         with open(os.path.join(results, corpus, "compare.json")) as f:
@@ -78,9 +80,13 @@ def check_finished(out, results):
             columns.index("explanation") + 1  # the dilution control beside the variant it controls
     with open(os.path.join(results, "study.json")) as f:
         s = json.load(f)
-    assert s["seeds"] == [0, 1] and s["runs_per_corpus"] == N_RUNS // 2 and s["conversations"] == 8
+    assert s["seeds"] == [0, 1] and s["runs_per_corpus"] == N_RUNS // len(CORPORA) and s["conversations"] == 8
     assert set(s["wall_s"]) == set(study.STAGES) and s["machine"]["cpu_count"] and s["machine"]["torch"]
     assert s["items"]["chitchat"]["all"] == 24 and s["items"]["demo"]["all"] == 72
+    small, large = (s["items"][f"damage-{n}"] for n in SMOKE.train_sizes)
+    assert (small["train"], large["train"]) == tuple(3 * n for n in SMOKE.train_sizes)
+    assert small["test"] == large["test"] > 0 and small["val"] == large["val"] == 3 * SMOKE.val_conversations
+    assert s["corpora"] == CORPORA and set(s["sources"]) == {"chitchat", "damage"}
     return s
 
 
@@ -126,7 +132,7 @@ def test_smoke_killed_and_resumed(tmp_path):
 
     kills = [("ratings", has_rating),                                      # inside rate.py's appends
              ("training", lambda: n_done() >= 1),                          # between or inside runs
-             ("training", lambda: n_done() >= N_RUNS // 2 + 1),            # in the second corpus
+             ("training", lambda: n_done() >= N_RUNS // len(CORPORA) + 1),  # in the second corpus
              ("results", lambda: bool(glob.glob(os.path.join(out, "*", "runs", "*", "eval-test")))),
              ("results", lambda: os.path.isdir(os.path.join(out, "chitchat", "analysis")))]
     killed, mtimes = [], None
@@ -150,7 +156,7 @@ def test_smoke_killed_and_resumed(tmp_path):
 
 
 def test_labels_skip_conversations_and_ratings(tmp_path, monkeypatch, capsys):
-    """--labels FILE starts from labelled records: stages 1 and 4 are skipped, the rest runs."""
+    """--labels FILE starts from labelled records: stage 1 and the rater's ratings are skipped, the rest runs."""
     labels = tmp_path / "labels.jsonl"
     recs = [{"id": f"chitchat-x{i}", "dataset": "chitchat", "context": ["Hi!", "Hello, how was your day?"],
              "response": f"Long, but good {i}.", "axis": axis, "label": 1 + i % 5,
@@ -161,14 +167,15 @@ def test_labels_skip_conversations_and_ratings(tmp_path, monkeypatch, capsys):
     out, results = str(tmp_path / "s"), str(tmp_path / "r")
     assert study.main(["--smoke", "--labels", str(labels), "--out", out, "--results", results]) == 0
     text = capsys.readouterr().out
-    assert "[1/6 conversations] done, skipped (--labels" in text and "[4/6 ratings] done, skipped (--labels" in text
+    assert "[1/6 conversations] done, skipped (--labels" in text
+    assert "  chitchat: axes kept naturalness, on_topic\n" in text  # the labels' own axes, nothing rated
     assert not os.path.exists(os.path.join(out, "raw.jsonl"))
     with open(os.path.join(out, "chitchat-train.jsonl")) as f:
         assert [json.loads(line) for line in f] == recs
     with open(os.path.join(results, "study.json")) as f:
         s = json.load(f)
     assert s["settings"]["labels"] == str(labels) and s["items"]["chitchat"]["all"] == 40
-    assert len(glob.glob(os.path.join(out, "*", "runs", "*", "done.json"))) == 2 * 3
+    assert len(glob.glob(os.path.join(out, "*", "runs", "*", "done.json"))) == len(study.corpora(small)) * 3
 
 
 def test_other_settings_refused(tmp_path, capsys):
@@ -189,8 +196,9 @@ def test_dry_run_prints_every_plan(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []  # nothing ran, nothing written
     est = {name: study.estimate(size) for name, size in study.SIZES.items()}
     assert sum(est["smoke"].values()) < 60
-    assert 5 * 60 <= sum(est["quick"].values()) <= 15 * 60      # ~10 minutes on 2 cores
-    assert sum(est["default"].values()) <= 90 * 60
+    assert sum(est["quick"].values()) <= 10 * 60                # the issue's budgets on 2 cores
+    assert sum(est["default"].values()) <= 120 * 60
+    assert "N >= (1.96 / 0.04)^2 x q" in text                  # the power arithmetic is part of the plan
     assert est["paper"]["training"] is None                    # GPU speeds were never measured
     assert study.main(["--dry-run", "--quick", "--labels", "x.jsonl"]) == 0
     assert "none (--labels)" in capsys.readouterr().out
@@ -223,17 +231,37 @@ def test_smoke_rater_answers_in_format(tmp_path):
     assert {v[2] for _, v in out} == {"Fluent reply."} and len({v[0] for _, v in out}) >= 3
 
 
-def test_committed_default_labels_are_the_aggregate_of_the_committed_ratings():
-    """results/default holds the labelled chit-chat of the default study and its raw ratings: the
-    labels validate, cover the study's items on every axis, and are exactly data.aggregate(mean) of
-    the raw file, so a reader (or --labels) can start from them without re-rating."""
+def test_committed_comparison_is_recomputed_from_the_committed_predictions(tmp_path):
+    """results/default holds, per corpus, every run's train_config.json and test predictions: eval.py
+    compare on those folders gives the committed compare.json again, figure for figure."""
+    import eval as evaluate
+
     results = os.path.join(ROOT, "results", "default")
-    labels = data.load_records(os.path.join(results, "chitchat-train.jsonl"), need_explanation=True)
     with open(os.path.join(results, "study.json")) as f:
         summary = json.load(f)
-    assert len(labels) == summary["items"]["chitchat"]["all"] == 3 * summary["conversations"]
-    assert {r["axis"] for r in labels} == set(data.AXES)
-    again, _ = data.aggregate(data.load_records(os.path.join(results, "raw.jsonl"), kind="raw"), method="mean")
-    key = lambda r: (r["id"], r["axis"])  # noqa: E731
-    assert sorted((key(r), r["label"], r["explanation"]) for r in again) == \
-        sorted((key(r), r["label"], r["explanation"]) for r in labels)
+    assert summary["corpora"]
+    for corpus in summary["corpora"]:
+        runs = sorted(glob.glob(os.path.join(results, corpus, "runs", "*")))
+        assert len(runs) == summary["runs_per_corpus"]
+        again = evaluate.compare(runs, out=str(tmp_path / corpus))
+        with open(os.path.join(results, corpus, "compare.json")) as f:
+            committed = json.load(f)
+        assert json.loads(json.dumps(again["table"])) == committed["table"]
+        assert json.loads(json.dumps(again["versus_label"])) == committed["versus_label"]
+
+
+def test_committed_damage_labels_are_made_again_from_the_package():
+    """The committed damage corpora are damage.make_records of the chitchat-dataset package at the
+    study's seed and size, subset as study.py subsets them: a reader can rebuild every label."""
+    import damage
+    import importers
+
+    results = os.path.join(ROOT, "results", "default")
+    size = study.SIZES["default"]
+    convs, _ = importers.import_conversations("chitchat", [])
+    made = damage.make_records(convs, seed=size.seed, n=size.damage_conversations)
+    with open(os.path.join(results, "sources.json")) as f:
+        kept = json.load(f)["damage"]["kept"]
+    for n in size.train_sizes:
+        committed = data.load_records(os.path.join(results, f"damage-{n}.jsonl"))
+        assert committed == damage.subset([r for r in made if r["axis"] in kept], n, size.seed, size.val_conversations)
