@@ -108,6 +108,7 @@ class Size:
     train_sizes: tuple = ()     # training conversations of each damage corpus 'damage-<n>' (x3 axes = items)
     val_conversations: int = 20  # validation conversations of each damage corpus (None: the whole split)
     signal_n: int = 150         # records per axis of damage.check (the signal printed before training)
+    damage_axes: tuple = tuple(damage.DAMAGE)  # the damage axes trained on (the pilot may leave one out)
     drop_blind: bool = True     # leave out (and report) every axis whose labels show no signal before training
     dtype: str = "auto"         # train.py --dtype (bfloat16 on a CPU with AMX/AVX512-BF16: ~2x a step)
     lora_dropout: float = 0.05  # train.py --lora-dropout
@@ -119,9 +120,9 @@ class Size:
 # default size's settings: the label-only learning curve and the share of test items on which
 # label-only and explanation runs disagree. STEPS and DAMAGE_CONVERSATIONS follow from them (power()).
 HALF_WIDTH = 0.04
-PILOT = {"steps": 120, "majority": 0.0, "label_accuracy": 0.0, "disagreement": 0.30}
+PILOT = {"steps": 120, "majority": 0.354, "label_accuracy": 0.606, "disagreement": 0.669}
 STEPS = 120
-DAMAGE_CONVERSATIONS = 1250
+DAMAGE_CONVERSATIONS = 1700
 
 SIZES = {
     "smoke": Size("smoke", conversations=8, samples=1, demo_per_dataset=4, seeds=(0, 1), steps=2,
@@ -136,17 +137,19 @@ SIZES = {
                   val_conversations=3, signal_n=30, variants=("label", "explanation", "shuffled", "random"),
                   rw_variants=(), dtype="bfloat16", lora_dropout=0.0),
     # The CPU answer. Damage labels (the rater's are checked, and dropped where blind, as SmolLM2-135M's
-    # were; the demo corpus is left out for time). Two training sizes at equal compute: 40
-    # conversations (120 items) seen 8 times, and 320 (960 items) seen once, in STEPS steps of 8,
-    # the length at which the pilot's label-only student beat the majority class by more than 0.15.
-    # Test: every test-split conversation of DAMAGE_CONVERSATIONS (~750 items), sized by power().
-    # Variants: label, explanation and the two pseudo-explanations at the ends of the range (the
-    # explanation's own words shuffled; random tokens); bow and filler fit no 2-hour budget here.
+    # were; the demo corpus is left out for time), on the two axes the pilot's label-only student
+    # learnt in STEPS steps (on_topic stayed at its majority class: PILOT). Two training sizes at
+    # equal compute: 40 conversations (80 items) seen 12 times, and 320 (640 items) seen 1.5 times,
+    # in STEPS steps of 8. Test: every test-split conversation of DAMAGE_CONVERSATIONS (~500 items).
+    # Variants: label, explanation, and random tokens, the pseudo-explanation that keeps nothing of
+    # the explanation but its length (the paper's most surprising control); shuffled, bow and filler
+    # do not fit the 2-hour budget on 2 cores (each is 6 more runs of ~4 minutes).
     "default": Size("default", conversations=32, samples=2, demo_per_dataset=6, seeds=(0, 1, 2), steps=STEPS,
                     batch_size=8, micro_batch=8, max_len=176, analysis_n=40, lr=1e-3, rate_prompt_tokens=384,
                     rate_new_tokens=32, summary_new_tokens=48, check_n=16, sources=("damage", "rater"),
                     damage_conversations=DAMAGE_CONVERSATIONS, train_sizes=(40, 320), val_conversations=20,
-                    variants=("label", "explanation", "shuffled", "random"), rw_variants=(),
+                    damage_axes=("comprehensiveness", "naturalness"),
+                    variants=("label", "explanation", "random"), rw_variants=(),
                     dtype="bfloat16", lora_dropout=0.0),
     "paper": Size("paper", conversations=None, samples=3, demo_per_dataset=150, seeds=(0, 1, 2), steps=0,
                   batch_size=16, micro_batch=8, max_len=512, analysis_n=500, checkpointing=True,
@@ -165,11 +168,11 @@ Z_FAMILY = 2.50  # the rater check keeps an axis when one of its 4 strategies be
 # SmolLM2 fp32 (AMD EPYC): LoRA training ~130 tokens/s (batch 8 x ~100-130 tokens), a scoring
 # forward ~230 tokens/s, 48 ratings in 63 s: 1.3 s each, reading each prompt once. A rating is
 # assumed to cost rating_s x (prompt + 3 x new) / 320 seconds. SmolLM2 bf16 (Intel Xeon with AMX,
-# 2026-12-07): LoRA training ~450 tokens/s (batch 8 x ~75 tokens, dropout 0), scoring ~2,500 tokens/s.
+# 2026-12-07, the pilot): LoRA training ~400 tokens/s (batch 8 x ~80-110 tokens, dropout 0), scoring ~1,700.
 # "smoke" from its own runs. No GPU speeds: unmeasured.
 SPEED = {
     "smollm2": {"load_s": 1.5, "train_tok_s": 130.0, "forward_tok_s": 230.0, "rating_s": 1.3, "run_s": 2.0},
-    "smollm2-bf16": {"load_s": 2.0, "train_tok_s": 450.0, "forward_tok_s": 2500.0, "rating_s": 1.3, "run_s": 2.0},
+    "smollm2-bf16": {"load_s": 2.0, "train_tok_s": 400.0, "forward_tok_s": 1700.0, "rating_s": 1.3, "run_s": 2.0},
     "smoke": {"load_s": 0.02, "train_tok_s": 10000.0, "forward_tok_s": 50000.0, "rating_s": 0.015, "run_s": 0.15},
 }
 TOKENS = {"chitchat": 55, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
@@ -324,7 +327,7 @@ def counts(size, labels=None):
     items = {"chitchat": n_labels or 3 * n_conv, "demo": 3 * 6 * size.demo_per_dataset}
     out = {c: {"all": n, "train": round(0.7 * n), "val": round(0.1 * n), "test": round(0.2 * n)}
            for c, n in items.items()}
-    n_axes = len(damage.DAMAGE)
+    n_axes = len(size.damage_axes)
     for n in size.train_sizes:
         val = min(size.val_conversations or size.damage_conversations, round(0.1 * size.damage_conversations))
         split = {"train": n_axes * n, "val": n_axes * val, "test": n_axes * round(0.2 * size.damage_conversations)}
@@ -439,7 +442,9 @@ def describe(size, labels=None, rater=None, student=None):
                   f"q = {pw['disagreement']:.2f} of items; for a 95% half-width <= {pw['half_width']} on the "
                   f"paired accuracy difference, N >= (1.96 / {pw['half_width']})^2 x q = {pw['needed']} test "
                   f"items pooled; planned {pw['planned']} (half-width <= {pw['expected_half_width']:.3f} before "
-                  f"averaging over {len(size.seeds)} seeds)",
+                  f"averaging over {len(size.seeds)} seeds)"
+                  + (", short: the package has no more usable conversations outside the pilot's"
+                     if pw["planned"] < pw["needed"] and size.damage_conversations >= DAMAGE_CONVERSATIONS else ""),
                   f"            length: the pilot's label-only accuracy after {PILOT['steps']} steps "
                   f"{PILOT['label_accuracy']:.3f} vs majority {PILOT['majority']:.3f} (+{PILOT['label_accuracy'] - PILOT['majority']:.3f}; "
                   f"the study needs +0.15)"]
@@ -747,8 +752,7 @@ class Study:
         then one file per training size (the kept axes only)."""
         s = self.size
         if not os.path.exists(self.p["damage"]):
-            convs, _ = importers.import_conversations("chitchat", [])
-            records = damage.make_records(convs, seed=s.seed, n=s.damage_conversations)
+            records = damage.make_records(study_conversations(s), seed=s.seed, n=s.damage_conversations)
             _replace_file(lambda tmp: data.write_jsonl(records, tmp), self.p["damage"])
         records = data.load_records(self.p["damage"])
         if not _json_ok(self.p["signal"]):
@@ -761,13 +765,14 @@ class Study:
         with open(self.p["signal"]) as f:
             signal = json.load(f)
         print("  " + damage.format_check(signal).replace("\n", "\n  "))
-        kept = [a for a in damage.DAMAGE if signal[a]["signal"] or not s.drop_blind]
+        kept = [a for a in s.damage_axes if signal[a]["signal"] or not s.drop_blind]
         for n in s.train_sizes:
             path = self.corpus_paths()[f"damage-{n}"]
             if not os.path.exists(path):
                 part = damage.subset([r for r in records if r["axis"] in kept], n, s.seed, s.val_conversations)
                 _replace_file(lambda tmp: data.write_jsonl(part, tmp), path)
-        return {"kept": kept, "dropped": [a for a in damage.DAMAGE if a not in kept], "signal": signal}
+        return {"kept": kept, "dropped": [a for a in s.damage_axes if a not in kept], "signal": signal,
+                "left_out_by_pilot": [a for a in damage.DAMAGE if a not in s.damage_axes]}
 
     def n_conversations(self):
         with open(self.p["conversations"]) as f:
@@ -912,8 +917,20 @@ class Study:
         print(f"\nwrote {self.results}/ (compare.*, analysis files, per-run predictions, study.json)")
 
 
-PILOT_CONVERSATIONS = 700  # the pilot's own conversations, after the default study's (never in it)
+PILOT_CONVERSATIONS = 700  # the pilot's own conversations: in damage.make_records' order, the 700 after the
+PILOT_SKIP = 1250           # first 1,250; the study passes over them (study_conversations)
+
+
+def study_conversations(size):
+    """The chit-chat conversations a damage study draws from: all of them but the pilot's, so that
+    no conversation the pilot trained or tested on is ever in the study."""
+    convs, _ = importers.import_conversations("chitchat", [])
+    if size.student != "smollm2" or size.name == "smoke":
+        return convs
+    used = {r["id"] for r in damage.make_records(convs, seed=size.seed, n=PILOT_CONVERSATIONS, skip=PILOT_SKIP)}
+    return [c for c in convs if c["id"] not in used]
 PILOT_SEED = 100  # the pilot's training seed (the study's are 0, 1, 2)
+LEARNED = 0.05  # an axis counts as learnt when label-only beats its majority class by this much
 
 
 def pilot(out, results, size=None):
@@ -926,7 +943,7 @@ def pilot(out, results, size=None):
     path = os.path.join(out, "pilot-all.jsonl")
     if not os.path.exists(path):
         convs, _ = importers.import_conversations("chitchat", [])
-        recs = damage.make_records(convs, seed=size.seed, n=PILOT_CONVERSATIONS, skip=size.damage_conversations)
+        recs = damage.make_records(convs, seed=size.seed, n=PILOT_CONVERSATIONS, skip=PILOT_SKIP)
         _replace_file(lambda tmp: data.write_jsonl(recs, tmp), path)
     records = data.load_records(path)
     model = smollm2_path() if size.student == "smollm2" else size.student
@@ -949,18 +966,37 @@ def pilot(out, results, size=None):
         if not _json_ok(os.path.join(run, "eval-test", "metrics.json")):
             evaluate.score_run(run, split="test", checkpoint="last", batch_size=32)
         with open(os.path.join(run, "metrics.jsonl")) as f:
-            curves[name] = [(r["step"], r["val_rating_accuracy"]) for r in map(json.loads, f) if "val_rating_accuracy" in r]
+            curves[name] = [(r["step"], r["val_acc"]) for r in map(json.loads, f) if "val_acc" in r]
         runs[name] = evaluate.read_predictions(os.path.join(run, "eval-test", "predictions.jsonl"))
     big = max(size.train_sizes)
     lab, exp = (sorted(runs[f"{v}-{big}"], key=lambda r: (r["id"], r["axis"])) for v in ("label", "explanation"))
-    gold = Counter(r["gold"] for r in lab)
-    acc = {name: sum(r["predicted"] == r["gold"] for r in rows) / len(rows) for name, rows in runs.items()}
-    result = {"steps": size.steps, "test_items": len(lab), "majority": gold.most_common(1)[0][1] / len(lab),
-              "accuracy": acc, "label_accuracy": min(acc[f"label-{n}"] for n in size.train_sizes),
-              "disagreement": sum(a["predicted"] != b["predicted"] for a, b in zip(lab, exp)) / len(lab),
-              "curves": curves, "conversations": PILOT_CONVERSATIONS, "skipped": size.damage_conversations,
+
+    def majority(rows):
+        return Counter(r["gold"] for r in rows).most_common(1)[0][1] / len(rows)
+
+    def accuracy(rows):
+        return sum(r["predicted"] == r["gold"] for r in rows) / len(rows)
+    axes = sorted({r["axis"] for r in lab})
+    per_axis = {a: {"majority": majority([r for r in lab if r["axis"] == a]),
+                    "accuracy": {name: accuracy([r for r in rows if r["axis"] == a]) for name, rows in runs.items()}}
+                for a in axes}
+    # an axis the label-only student has not learnt at this length (within LEARNED of its majority
+    # class at either size) can show no regulariser's effect: the default study leaves it out
+    learned = [a for a in axes if all(per_axis[a]["accuracy"][f"label-{n}"] - per_axis[a]["majority"] >= LEARNED
+                                      for n in size.train_sizes)]
+    keep = [i for i, r in enumerate(lab) if r["axis"] in learned]
+    result = {"steps": size.steps, "test_items": len(keep), "axes_learned": learned, "per_axis": per_axis,
+              "majority": majority([lab[i] for i in keep]),
+              "accuracy": {name: accuracy([r for r in rows if r["axis"] in learned]) for name, rows in runs.items()},
+              "disagreement": sum(lab[i]["predicted"] != exp[i]["predicted"] for i in keep) / len(keep),
+              "curves": curves, "conversations": PILOT_CONVERSATIONS, "skipped": PILOT_SKIP,
               "seed": PILOT_SEED, "machine": machine(), "git": _git_head()}
+    result["label_accuracy"] = min(result["accuracy"][f"label-{n}"] for n in size.train_sizes)
     os.makedirs(results, exist_ok=True)
+    copy_file(path, os.path.join(results, "pilot-all.jsonl"))  # its labelled records and predictions
+    for name in runs:
+        copy_file(os.path.join(out, "runs", name, "eval-test", "predictions.jsonl"),
+                  os.path.join(results, f"predictions-{name}.jsonl"))
     write_json(result, os.path.join(results, "pilot.json"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1))
     return result

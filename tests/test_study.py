@@ -254,12 +254,12 @@ def test_committed_damage_labels_are_made_again_from_the_package():
     """The committed damage corpora are damage.make_records of the chitchat-dataset package at the
     study's seed and size, subset as study.py subsets them: a reader can rebuild every label."""
     import damage
-    import importers
 
     results = os.path.join(ROOT, "results", "default")
     size = study.SIZES["default"]
-    convs, _ = importers.import_conversations("chitchat", [])
-    made = damage.make_records(convs, seed=size.seed, n=size.damage_conversations)
+    made = damage.make_records(study.study_conversations(size), seed=size.seed, n=size.damage_conversations)
+    pilot = {r["id"] for r in data.load_records(os.path.join(ROOT, "results", "pilot", "pilot-all.jsonl"))}
+    assert pilot and not pilot & {r["id"] for r in made}  # the pilot's conversations are never the study's
     with open(os.path.join(results, "sources.json")) as f:
         kept = json.load(f)["damage"]["kept"]
     for n in size.train_sizes:
