@@ -36,7 +36,7 @@ MIN_WORDS, MAX_WORDS = 8, 40  # replies this long: every grade of every axis cha
 KEEP_TURNS = 1  # context turns kept in a record: the turn the reply answers (short prompts, cheap runs)
 CONTEXT_WORDS = 30  # ... cut to its last 30 words (marked '...'), so that no prompt loses it to max_len
 GRADES = (1, 3, 5)  # the grades made: three damage levels far enough apart for a 135M student to learn
-                    # in minutes (the pilot's five-level run stayed at chance, 0.24 after 60 steps)
+                    # in minutes (an exploratory five-level run stayed at chance after 60 steps)
 FRACTIONS = {  # grade -> the share of the reply left intact
     "on_topic": {5: 1.0, 4: 0.75, 3: 0.5, 2: 0.25, 1: 0.0},
     "naturalness": {5: 1.0, 4: 0.8, 3: 0.6, 2: 0.4, 1: 0.0},
@@ -213,9 +213,9 @@ def check(model_path, records, n=None, seed=0, dtype="bfloat16", batch_size=32):
 
 def format_check(result):
     lines = ["signal check (Spearman of the grade with the base model's mean log-probability of the reply "
-             "and its end of turn, 95% bootstrap interval; kept when the interval is above 0):"]
+             "and its end of turn, 95% bootstrap interval; signal when the interval is above 0):"]
     lines += [f"  {axis:18} {x['spearman']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] n {x['n']}  "
-              f"{'kept' if x['signal'] else 'DROPPED: no signal'}" for axis, x in result.items()]
+              f"{'signal' if x['signal'] else 'NO SIGNAL'}" for axis, x in result.items()]
     return "\n".join(lines)
 
 
