@@ -903,7 +903,8 @@ class Study:
                         copy_file(os.path.join(run, part), os.path.join(kept, part))
         for key, name in (("chitchat", "chitchat-train.jsonl"), ("report", "aggregation.txt"),
                           ("labels", "labels.json"), ("check", "rater_check.json"), ("study", "study.json"),
-                          ("raw", "raw.jsonl"), ("sources", "sources.json"), ("signal", "damage_check.json")):
+                          ("raw", "raw.jsonl"), ("sources", "sources.json"), ("signal", "damage_check.json"),
+                          ("log", "study.log.jsonl")):
             if os.path.exists(self.p[key]) and (key != "raw" or os.path.getsize(self.p[key]) < RAW_MAX_BYTES):
                 copy_file(self.p[key], os.path.join(self.results, name))
         for c in self.corpora():
