@@ -40,7 +40,7 @@ and strategy), so its labels are checked and dropped; the damage labels are exac
 Left out: the work itself (data.py, rate.py, damage.py, train.py, eval.py and analysis.py do it; this
 file calls them), the other five datasets (their files are not on this machine), and any download.
 
-Length: ~1,080 lines, one concern: the experiment's stages as methods of `Study` (~370 lines) with
+Length: ~1,110 lines, one concern: the experiment's stages as methods of `Study` (~370 lines) with
 its sizes, plan, power arithmetic, pilot, time estimate, atomic files and log. The work of each stage
 is in the other files.
 """
