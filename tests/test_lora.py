@@ -2,6 +2,7 @@
 
 Everything is a tiny random Mistral built here; nothing is downloaded.
 """
+import contextlib
 import json
 import math
 import os
@@ -264,6 +265,48 @@ def test_bf16_base_fp32_lora_under_autocast():
     hook.remove()
     assert seen == [(torch.float32, torch.float32)] and y2.dtype == torch.bfloat16
     torch.testing.assert_close(y2.float(), y.float(), atol=0.1, rtol=0.02)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(6, 48), (2, 5, 48)], ids=["2d", "3d"])
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-6), ("bf16-autocast", 1e-2), ("bf16-base", 4e-3)])
+@pytest.mark.parametrize("drop", ["p=0", "eval", "p=0.3"])
+def test_fused_path_equals_the_textbook_path(monkeypatch, shape, precision, tol, drop):
+    """forward_fused (what runs on CPU) and forward's textbook path (what runs on CUDA) give the same
+    output and gradients: with dropout off, and with it on when the textbook path's F.dropout applies
+    the mask that dropout() draws for the fused path (an fp32 test fails if either path scaled twice)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40, bias=True).to(torch.float32 if precision == "fp32" else torch.bfloat16)
+    layer = LoRALinear(base, rank=4, alpha=6, dropout=0.0 if drop == "p=0" else 0.3).train(drop != "eval")
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # an update as large as the base output
+    x0 = torch.randn(shape, dtype=torch.bfloat16 if precision == "bf16-base" else torch.float32)
+    dy = torch.randn(*shape[:-1], 40)
+    if drop == "p=0.3":
+        torch.manual_seed(5)
+        kept, rescale = lora.dropout(torch.ones(shape), 0.3)  # the mask forward_fused draws after the same seed
+        assert 0 < (kept == 0).float().mean() < 0.5
+
+        def same_mask(t, p, training):
+            assert p == 0.3 and training
+            return t * kept * rescale
+        monkeypatch.setattr(lora.F, "dropout", same_mask)
+    runs = {}
+    for path, devices in [("textbook", ()), ("fused", ("cpu",))]:
+        layer.fused_devices = devices
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else contextlib.nullcontext():
+            y = layer(x)
+        y.backward(dy.to(y.dtype))
+        runs[path] = y, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+    (y, *grads), (y_fused, *grads_fused) = runs["textbook"], runs["fused"]
+    assert y.shape == y_fused.shape == (*shape[:-1], 40) and y.dtype == y_fused.dtype == base.weight.dtype
+    for name, a, b in zip(["y", "x.grad", "lora_A.grad", "lora_B.grad"], [y, *grads], [y_fused, *grads_fused]):
+        assert a.dtype == b.dtype and rel_err(b, a) < tol, (name, rel_err(b, a))
 
 
 class FakeNF4(torch.nn.Module):
