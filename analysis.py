@@ -49,21 +49,24 @@ not remove that: it fixes only the ceiling, and attention spread over a fixed k 
 log k / log n, falling as n grows. So those groups get their levels (attn_entropy_norm beside the raw
 one) but no `minus_label`; analysis.json says why in `minus_label_omitted`.
 """
-import argparse
 import contextlib
 import csv
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
+import cli
 import data
 import eval as evaluate
-import lora
-from model import ModelError, apply_rope, load_config
+from cli import write_atomic
+from model import apply_rope, load_config
+from runs import CONFIG, Run
 
 LAYER_METRICS = ("act_entropy", "act_entropy_norm", "lens_entropy", "lens_rating_entropy", "lens_gold_prob",
                  "attn_entropy", "attn_entropy_norm")
@@ -71,7 +74,7 @@ OUTPUT_METRICS = ("top_prob", "rating_entropy", "gold_prob", "correct", "rating_
 N_BOOT = 1000  # bootstrap resamples for every interval
 
 
-class AnalysisError(ValueError):
+class AnalysisError(cli.Error, ValueError):
     """A run folder or request that cannot be analysed; the message says which and why."""
 
 
@@ -287,9 +290,9 @@ def check_same_depth(runs):
     before anything is loaded or run."""
     depth = {}
     for run in runs:
-        cfg = evaluate.read_run_config(run)
+        cfg = Run(run).config
         if "model" not in cfg:
-            raise AnalysisError(f"{os.path.join(run, 'train_config.json')}: no 'model' (the base checkpoint)")
+            raise AnalysisError(f"{Run(run).file(CONFIG)}: no 'model' (the base checkpoint)")
         depth[run] = load_config(cfg["model"]).n_layers
         first = runs[0]
         if depth[run] != depth[first]:
@@ -297,14 +300,29 @@ def check_same_depth(runs):
                                 "results of models of different depths do not line up; analyse them separately")
 
 
-def analyse(runs, out, split="test", n=None, checkpoint="best", batch_size=8, device="auto"):
+@dataclass
+class AnalysisConfig:
+    POSITIONAL: ClassVar = ("runs",)
+    runs: list                        # run folders written by train.py
+    out: str                          # folder for per_layer.csv, summary.csv, analysis.json, the plot
+    split: Literal["train", "val", "test"] = "test"  # which split's examples
+    n: int | None = None              # use only the first N examples of the split (default: all)
+    checkpoint: Literal["best", "last"] = "best"  # which checkpoint of each run
+    batch_size: int = 8               # examples per forward pass
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+
+
+def analyse(cfg):
     """Analyse every run, group by variant, write the CSV / JSON (/ PNG) files; returns the JSON dict."""
+    if cfg.n is not None and cfg.n < 1:
+        raise AnalysisError(f"--n must be at least 1, got {cfg.n}")
+    runs, out, split, n, checkpoint = cfg.runs, cfg.out, cfg.split, cfg.n, cfg.checkpoint
     check_same_depth(runs)
     results = {}
     for run in runs:
         name = os.path.normpath(run)
         print(f"== {name}", flush=True)
-        results[name] = analyse_run(run, split, n, checkpoint, batch_size, device)
+        results[name] = analyse_run(run, split, n, checkpoint, cfg.batch_size, cfg.device)
     by_variant = {}
     for name, res in results.items():
         by_variant.setdefault(res["variant"], []).append(res)
@@ -323,8 +341,7 @@ def analyse(runs, out, split="test", n=None, checkpoint="best", batch_size=8, de
         else:
             report["variants"][v]["minus_label"] = paired_difference(p, pooled["label"])
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "analysis.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_atomic(os.path.join(out, "analysis.json"), json.dumps(report, indent=1))
     write_csvs(report, out)
     plot(report, out)
     print_summary(report)
@@ -408,25 +425,9 @@ def print_summary(report):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by train.py")
-    p.add_argument("--out", required=True, help="folder for per_layer.csv, summary.csv, analysis.json, the plot")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split's examples")
-    p.add_argument("--n", type=int, default=None, help="use only the first N examples of the split (None: all)")
-    p.add_argument("--checkpoint", default="best", help="checkpoint folder inside each run (best or last)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a = p.parse_args(argv)
-    try:
-        if a.n is not None and a.n < 1:
-            raise AnalysisError(f"--n must be at least 1, got {a.n}")
-        analyse(a.runs, a.out, a.split, a.n, a.checkpoint, a.batch_size, a.device)
-    except (AnalysisError, evaluate.EvalError, ModelError, data.DataError, data.TokenizerError,
-            lora.AdapterError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return cli.main("analysis.py", __doc__, {"analyse": cli.Command(AnalysisConfig, analyse, "")}, argv,
+                    default="analyse")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,12 +23,13 @@ Left out: LLM-written rationales for the known grade (a 135M rater's explanation
 rate.py check; the plain statement here names what changed and quotes it), and any other dataset
 (the functions take any conversation records).
 """
-import argparse
 import random
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
+import cli
 import data
 import importers
 
@@ -102,7 +103,7 @@ DAMAGE = {"on_topic": on_topic, "naturalness": naturalness, "comprehensiveness":
 
 
 def grade_of(seed, record_id, axis):
-    return GRADES[data._h("grade", seed, record_id, axis) % len(GRADES)]
+    return GRADES[data.stable_hash("grade", seed, record_id, axis) % len(GRADES)]
 
 
 def make_records(conversations, seed=0, n=None, skip=0, axes=tuple(DAMAGE)):
@@ -111,7 +112,7 @@ def make_records(conversations, seed=0, n=None, skip=0, axes=tuple(DAMAGE)):
     the order of a seeded hash of their ids; `skip` of them are passed over first (the pilot takes
     conversations the study never sees), then n are kept (None: all)."""
     usable = [c for c in conversations if MIN_WORDS <= len(c["response"].split()) <= MAX_WORDS]
-    usable.sort(key=lambda c: data._h("damage", seed, c["id"]))
+    usable.sort(key=lambda c: data.stable_hash("damage", seed, c["id"]))
     chosen = usable[skip:None if n is None else skip + n]
     if n is not None and len(chosen) < n:
         raise data.DataError(f"only {len(chosen)} conversations with a reply of {MIN_WORDS}-{MAX_WORDS} words "
@@ -124,7 +125,7 @@ def make_records(conversations, seed=0, n=None, skip=0, axes=tuple(DAMAGE)):
                    for t in c["context"][-KEEP_TURNS:]]
         for axis in axes:
             grade = grade_of(seed, c["id"], axis)
-            rng = random.Random(data._h("damage-rng", seed, c["id"], axis))
+            rng = random.Random(data.stable_hash("damage-rng", seed, c["id"], axis))
             other = donors[rng.randrange(len(donors))]
             while other == words:
                 other = donors[rng.randrange(len(donors))]
@@ -141,7 +142,7 @@ def subset(records, n_train, seed=0, n_val=None):
     for r in records:
         by_split[data.split_of(r["id"])].append(r)
     def first(recs, n_ids):
-        ids = sorted({r["id"] for r in recs}, key=lambda i: data._h("subset", seed, i))
+        ids = sorted({r["id"] for r in recs}, key=lambda i: data.stable_hash("subset", seed, i))
         keep = set(ids if n_ids is None else ids[:n_ids])
         if n_ids is not None and len(keep) < n_ids:
             raise data.DataError(f"{len(keep)} conversations in the split, {n_ids} asked for")
@@ -221,35 +222,43 @@ def format_check(result):
 
 # ----------------------------------------------------------------------------- command line
 
+@dataclass
+class MakeConfig:
+    out: str                  # output JSONL
+    input: str | None = None  # conversation records (default: the chitchat-dataset package)
+    n: int | None = None      # conversations to use (default: all usable)
+    seed: int = 0             # which conversations and grades
+
+
+@dataclass
+class CheckConfig:
+    model: str                # base checkpoint (folder or .gguf)
+    data: str                 # labelled records (damage.py make's output)
+    n: int = 200              # records per axis
+
+
+def make(cfg: MakeConfig):
+    """make_records on the conversations of cfg.input (or the chit-chat package), written to cfg.out."""
+    if cfg.input:
+        convs = data.load_records(cfg.input, kind="conversation")
+    else:
+        convs, _ = importers.import_conversations("chitchat", [])
+    recs = make_records(convs, cfg.seed, cfg.n)
+    data.write_jsonl(recs, cfg.out)
+    print(f"{len(recs)} records ({len(recs) // len(DAMAGE)} conversations x {len(DAMAGE)} axes) -> {cfg.out}")
+
+
+def check_command(cfg: CheckConfig):
+    """check() on the records of cfg.data, printed as format_check's table."""
+    print(format_check(check(cfg.model, data.load_records(cfg.data), cfg.n)))
+
+
+COMMANDS = {"make": cli.Command(MakeConfig, make, "damaged chit-chat replies -> labelled records (JSONL)"),
+            "check": cli.Command(CheckConfig, check_command, "the grade against the base model's log-probability, per axis")}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{make,check}")
-    m = sub.add_parser("make", help="damaged chit-chat replies -> labelled records (JSONL)")
-    m.add_argument("--out", required=True, help="output JSONL")
-    m.add_argument("--input", help="conversation records (default: the chitchat-dataset package)")
-    m.add_argument("--n", type=int, help="conversations to use (default: all usable)")
-    m.add_argument("--seed", type=int, default=0, help="which conversations and grades")
-    c = sub.add_parser("check", help="the grade against the base model's log-probability, per axis")
-    c.add_argument("--model", required=True, help="base checkpoint (folder or .gguf)")
-    c.add_argument("--data", required=True, help="labelled records (damage.py make's output)")
-    c.add_argument("--n", type=int, default=200, help="records per axis")
-    a = p.parse_args(argv)
-    try:
-        if a.cmd == "make":
-            if a.input:
-                convs = data.load_records(a.input, kind="conversation")
-            else:
-                convs, _ = importers.import_conversations("chitchat", [])
-            recs = make_records(convs, a.seed, a.n)
-            data.write_jsonl(recs, a.out)
-            print(f"{len(recs)} records ({len(recs) // len(DAMAGE)} conversations x {len(DAMAGE)} axes) -> {a.out}")
-        else:
-            print(format_check(check(a.model, data.load_records(a.data), a.n)))
-    except (data.DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main("damage.py", __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -37,18 +37,17 @@ Left out on purpose: downloading anything (point the importers at files you have
 themselves (rate.py), and model code.
 
 Commands:
-  python data.py validate FILE
+  python data.py validate FILE [--kind labelled|raw|conversation] [--need-explanation] [--axes FILE]
   python data.py aggregate RAW.jsonl -o TRAIN.jsonl [--method mean|median|majority|best] [--golden FILE]
-  python data.py import FORMAT FILE... -o CONVERSATIONS.jsonl [--n N] [--seed S]
   python data.py preview TRAIN.jsonl --variant explanation --n 3 [--tokenizer PATH]
+  (python importers.py FORMAT FILE... -o CONVERSATIONS.jsonl   the public datasets' files -> conversations)
   (python demo.py --corpus-only --out demo/   writes the demo corpus alone)
 
-Length: ~820 lines, more than the ~600 the other modules keep to, because the design gives this
+Length: ~810 lines, more than the ~600 the other modules keep to, because the design gives this
 one file the whole data path: records and their checks, aggregation (rate.py must not aggregate),
 the six variants, prompts, examples and batches, and the `data.py` commands over them. What was
 here and is not the data path (the tokenizer, the importers, the demo corpus) has its own file.
 """
-import argparse
 import csv
 import functools
 import gzip
@@ -64,10 +63,12 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar, Literal
 
 import sentencepiece as spm
 
-from tokenizer import Tokenizer, TokenizerError  # noqa: F401  (data.Tokenizer: the one the modules use)
+import cli
+from tokenizer import Tokenizer, TokenizerError  # noqa: F401  (data.Tokenizer, data.TokenizerError: what the modules use)
 
 IGNORE_INDEX = -100  # label of every position that carries no loss: prompt and padding
 AXES = {  # built-in axes and the description each prompt states; users add others with --axes
@@ -82,11 +83,11 @@ METHODS = ("mean", "median", "majority")
 FILLER = "."  # the filler variant repeats the last piece of encode(FILLER) ('▁.' for Mistral)
 
 
-class DataError(ValueError):
+class DataError(cli.Error, ValueError):
     """Bad data or arguments; the message is one line naming the file, line and field."""
 
 
-def _h(*parts):
+def stable_hash(*parts):
     """A stable 64-bit hash of the parts (Python's hash() changes between runs)."""
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
 
@@ -112,9 +113,10 @@ def rating_token_ids(tok):
     return _rating_split(tok)[1]
 
 
-def train_tokenizer(corpus_path, out_prefix, vocab_size=2000):
-    """Train a Llama-style SentencePiece BPE model on a text file (seconds); returns the .model path."""
-    spm.SentencePieceTrainer.train(
+def train_tokenizer(corpus_path, out_prefix, vocab_size=2000, symbols=()):
+    """Train a Llama-style SentencePiece BPE model on a text file (seconds); returns the .model path.
+    `symbols` are kept whole, one piece each (the smoke rater's 'Score:')."""
+    spm.SentencePieceTrainer.train(user_defined_symbols=list(symbols),
         input=corpus_path, model_prefix=out_prefix, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, split_digits=True, required_chars="0123456789",
         normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -266,7 +268,7 @@ def _decoded_rows(path):
                 yield line, row
                 line = reader.line_num + 1
         return
-    with _open(path) as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -319,7 +321,8 @@ def check_vocab(tok, vocab_size, model_path):
                         f"only {vocab_size}: they do not belong together")
 
 
-def _open(path, mode="rt"):
+def open_text(path, mode="rt"):
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz (the importers read releases' .jsonl.gz)."""
     encoding = "utf-8-sig" if "r" in mode else "utf-8"  # a byte-order mark, read, is no part of the text
     if path.endswith(".gz"):
         return gzip.open(path, mode, encoding=encoding)
@@ -477,14 +480,6 @@ def format_report(rep):
 
 # ------------------------------------------------------------------------------ prompts and targets
 
-def format_prompt(record, template="base", axes=None, order="rating_first", keep_turns=None):
-    """The prompt text: the axis and the 1-5 scale, the conversation with labelled turns (only the
-    last keep_turns of them, if given), the response, and a cue where the target begins ('Rating:',
-    or 'Explanation:' for explain_first). Turns are labelled User/Assistant backwards from the
-    response, so the turn the response answers is always 'User'."""
-    return _prompt_text(record, load_axes(axes), keep_turns, template, _cue(order))
-
-
 def _cue(order):
     return "Explanation:" if order == "explain_first" else "Rating:"
 
@@ -512,21 +507,16 @@ def resolve_template(template, tok):
     return (tok.template or "base") if template == "auto" else template
 
 
-def _prompt_text(record, axes, keep_turns, template, cue):
-    body = _prompt_body(record, axes, keep_turns)
-    if template == "inst":
-        return f"[INST] {body} [/INST] {cue}"
-    if template == "chatml":
-        return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n{cue}"
-    return f"{body}\n\n{cue}"
-
-
 def _prompt_ids(tok, record, axes, keep_turns, template, cue):
-    if template == "inst":  # '[/INST] Rating:'
-        return tok.chat(_prompt_body(record, axes, keep_turns), template="inst") + tok.spaced(cue)
-    if template == "chatml":  # 'assistant\nRating:'
-        return tok.chat(_prompt_body(record, axes, keep_turns), template="chatml") + tok.continuation(cue)
-    return tok.encode(_prompt_text(record, axes, keep_turns, template, cue), bos=True)
+    """The prompt's token ids: the axis and the 1-5 scale, the last keep_turns turns of the
+    conversation (None: all), the response, in the template's chat format, then the cue where the
+    target begins ('Rating:', or 'Explanation:' for explain_first)."""
+    body = _prompt_body(record, axes, keep_turns)
+    if template == "inst":  # '[INST] body [/INST] Rating:'
+        return tok.chat(body, template="inst") + tok.spaced(cue)
+    if template == "chatml":  # '<|im_start|>user\nbody<|im_end|>\n<|im_start|>assistant\nRating:'
+        return tok.chat(body, template="chatml") + tok.continuation(cue)
+    return tok.encode(f"{body}\n\n{cue}", bos=True)  # base: 'body\n\nRating:'
 
 
 class _Pseudo:
@@ -545,7 +535,7 @@ class _Pseudo:
         self.filler = tok.spaced(FILLER)[-1]
 
     def __call__(self, rec, real_ids):
-        v, rng, n = self.variant, random.Random(_h(self.seed, rec["id"], rec["axis"])), len(real_ids)
+        v, rng, n = self.variant, random.Random(stable_hash(self.seed, rec["id"], rec["axis"])), len(real_ids)
         words = rec["explanation"].split()
         if v == "explanation":
             return real_ids
@@ -644,7 +634,7 @@ def text_examples(path, tok, max_len=256):
     """Language-model examples from a plain-text file (pretraining, `train.py --full`): documents are
     separated by blank lines, each encoded as <s> text </s>, all of them concatenated and cut into
     pieces of max_len tokens; every token carries loss."""
-    with _open(path) as f:
+    with open_text(path) as f:
         docs = [d.strip() for d in re.split(r"\n\s*\n", f.read()) if d.strip()]
     if not docs:
         raise DataError(f"{path}: no text")
@@ -679,7 +669,7 @@ def collate(examples, pad_id):
 def split_of(record_id, val=0.1, test=0.2):
     """'train', 'val' or 'test' from a hash of the id alone: adding, removing or reordering records
     never moves one, and every variant and seed sees the same test items."""
-    u = _h("split", record_id) / 2**64
+    u = stable_hash("split", record_id) / 2**64
     return "test" if u < test else "val" if u < test + val else "train"
 
 
@@ -687,7 +677,7 @@ def batch_indices(examples, batch_size, seed, epoch):
     """Batches of example indices for one epoch: shuffled, then sorted by length within chunks of
     64 batches (little padding), then the batches shuffled. A pure function of (seed, epoch), so a
     run resumes mid-epoch by skipping the batches it has done."""
-    rng = random.Random(_h("batches", seed, epoch))
+    rng = random.Random(stable_hash("batches", seed, epoch))
     order = list(range(len(examples)))
     rng.shuffle(order)
     batches, chunk = [], 64 * batch_size
@@ -700,16 +690,84 @@ def batch_indices(examples, batch_size, seed, epoch):
 
 # ------------------------------------------------------------------------------------- command line
 
-def _preview(args):
-    tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.file)), "tokenizer.model")
+KINDS = ("labelled", "raw", "conversation")
+
+
+@dataclass(kw_only=True)
+class AxesOption:
+    axes: str | None = None  # JSON or 'name: description' file describing axes beyond the built-in three
+
+
+@dataclass
+class ValidateConfig(AxesOption):
+    POSITIONAL: ClassVar = ("file",)
+    file: str                                 # a training, conversation or raw file (.jsonl or .csv)
+    kind: Literal[KINDS] | None = None        # what the file holds (default: judged from every record)
+    need_explanation: bool = False            # every record must have an explanation
+
+
+@dataclass
+class AggregateConfig(AxesOption):
+    POSITIONAL: ClassVar = ("raw",)
+    raw: str                                  # raw ensemble ratings (rate.py's output)
+    out: str                                  # the training records, one per (item, axis)
+    method: Literal[METHODS + ("best",)] = "mean"  # mean of the scores rescaled to 1-5 (the paper's), median,
+                                              # majority, or the best on --golden
+    golden: str | None = None                 # records (id, axis, label) with trusted labels: prints each method's MAE and MSE
+    max_spread: float | None = None           # drop items whose rescaled scores' std dev exceeds this
+
+
+@dataclass
+class PreviewConfig(AxesOption):
+    POSITIONAL: ClassVar = ("file",)
+    file: str                                 # training records
+    variant: Literal[VARIANTS] = "explanation"  # which variant's targets
+    order: Literal[ORDERS] | None = None      # rating or explanation first (default: build_examples')
+    template: Literal[TEMPLATES] | None = None  # the prompt's chat format (default: build_examples')
+    n: int = 3                                # examples to print
+    tokenizer: str | None = None              # tokenizer.model or model folder (default: tokenizer.model beside FILE)
+    max_len: int | None = None                # longest example in tokens (default: build_examples')
+    seed: int | None = None                   # the pseudo-explanations' seed (default: build_examples')
+
+
+def validate(cfg: ValidateConfig):
+    """Every bad record on stderr, one line each, then a count; a DataError when any was bad."""
+    bad, kind = [], cfg.kind or _kind(cfg.file)
+    try:
+        recs = load_records(cfg.file, kind=kind, skip_bad=True, skipped=bad,
+                            need_explanation=cfg.need_explanation, axes=cfg.axes)
+    finally:  # every bad record, one line each, even when none was good
+        print("\n".join(f"error: {b}" for b in bad), file=sys.stderr, end="\n" if bad else "")
+    settings = {(r["dataset"], r.get("axis", "-")) for r in recs}
+    print(f"{cfg.file}: {len(recs)} valid {kind} records, {len(bad)} bad; {len(settings)} (dataset, axis) "
+          f"settings ({'--kind ' + kind if cfg.kind else 'kind judged from every record; --kind to set it'})")
+    if bad:
+        raise DataError(f"{cfg.file}: {len(bad)} bad records (listed above)")
+
+
+def aggregate_command(cfg: AggregateConfig):
+    """aggregate() on a raw file, its report printed, the records written to cfg.out."""
+    golden = cfg.golden and {(r["id"], r["axis"]): r["label"]
+                             for r in load_records(cfg.golden, kind="golden", axes=cfg.axes)}
+    records, report = aggregate(load_records(cfg.raw, kind="raw", axes=cfg.axes), cfg.method,
+                                golden=golden, max_spread=cfg.max_spread)
+    if not records:
+        raise DataError(f"{cfg.raw}: aggregation left no training record (no item has a valid rating)")
+    write_jsonl(records, cfg.out)
+    print(format_report(report) + f"\nwrote {cfg.out}")
+
+
+def preview(cfg: PreviewConfig):
+    """The first cfg.n examples of a variant as text, the target in ⟦ ⟧ and the decision position marked ▶."""
+    tok_path = cfg.tokenizer or os.path.join(os.path.dirname(os.path.abspath(cfg.file)), "tokenizer.model")
     if not os.path.exists(tok_path):
         raise DataError("preview needs --tokenizer PATH (a tokenizer.model or a model folder)")
     tok = Tokenizer(tok_path)
-    records = load_records(args.file, need_explanation=args.variant != "label", axes=args.axes)
-    examples = build_examples(records, tok, args.variant, axes=args.axes, **_given(
-        order=args.order, template=args.template, max_len=args.max_len, seed=args.seed))
+    records = load_records(cfg.file, need_explanation=cfg.variant != "label", axes=cfg.axes)
+    examples = build_examples(records, tok, cfg.variant, axes=cfg.axes, **_given(
+        order=cfg.order, template=cfg.template, max_len=cfg.max_len, seed=cfg.seed))
     cand = rating_token_ids(tok)
-    for e in examples[:args.n]:
+    for e in examples[:cfg.n]:
         d, ids = e.decision_pos, e.input_ids
         print(f"=== {e.id} ({e.dataset}, {e.axis}, label {e.label}, split {split_of(e.id)}): "
               f"{e.n_prompt} prompt + {len(ids) - e.n_prompt} target tokens")
@@ -725,9 +783,6 @@ def _given(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 
 
-KINDS = ("labelled", "raw", "conversation")
-
-
 def _kind(path):
     """What a file holds, judged from every record (a first line that lacks a field must not decide):
     raw ratings if any record has 'ratings', labelled if any has 'label', else conversations."""
@@ -740,76 +795,15 @@ def _kind(path):
     return "raw" if "ratings" in keys else "labelled" if "label" in keys else "conversation"
 
 
+COMMANDS = {
+    "validate": cli.Command(ValidateConfig, validate, "check a training, conversation or raw file; list every bad record"),
+    "aggregate": cli.Command(AggregateConfig, aggregate_command, "raw ensemble ratings -> one training record per (item, axis)"),
+    "preview": cli.Command(PreviewConfig, preview, "print prompts and targets of a variant, decision position marked ▶"),
+}
+
+
 def main(argv=None):
-    import importers  # the public datasets' formats (they build on this module)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Commands:")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    axes = argparse.ArgumentParser(add_help=False)
-    axes.add_argument("--axes", help="JSON or 'name: description' file describing axes beyond the built-in three")
-    p = sub.add_parser("validate", parents=[axes], help="check a training, conversation or raw file; list every bad record")
-    p.add_argument("file")
-    p.add_argument("--need-explanation", action="store_true", help="every record must have an explanation")
-    p.add_argument("--kind", choices=KINDS, help="what the file holds (default: judged from every record)")
-    p = sub.add_parser("aggregate", parents=[axes], help="raw ensemble ratings -> one training record per (item, axis)")
-    p.add_argument("raw")
-    p.add_argument("-o", "--out", required=True)
-    p.add_argument("--method", default="mean", choices=METHODS + ("best",),
-                   help="mean of the scores rescaled to 1-5 (the paper's), median, majority, or best on --golden")
-    p.add_argument("--golden", help="records (id, axis, label) with trusted labels: prints each method's MAE and MSE")
-    p.add_argument("--max-spread", type=float, help="drop items whose rescaled scores' std dev exceeds this")
-    p = sub.add_parser("import", help="a public dataset's own files -> conversations.jsonl (input of rate.py)")
-    p.add_argument("format", choices=sorted(importers.IMPORTERS))
-    p.add_argument("files", nargs="*", help="the release's files (chitchat: default, the installed package's)")
-    p.add_argument("-o", "--out", required=True)
-    p.add_argument("--n", type=int, help="keep a seeded sample of N conversations per dataset")
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("preview", parents=[axes], help="print prompts and targets of a variant, decision position marked ▶")
-    p.add_argument("file")
-    p.add_argument("--variant", default="explanation", choices=VARIANTS)
-    p.add_argument("--order", choices=ORDERS)
-    p.add_argument("--template", choices=TEMPLATES)
-    p.add_argument("--n", type=int, default=3)
-    p.add_argument("--tokenizer", help="tokenizer.model or model folder (default: tokenizer.model beside FILE)")
-    p.add_argument("--max-len", type=int)
-    p.add_argument("--seed", type=int)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "validate":
-            bad, kind = [], args.kind or _kind(args.file)
-            try:
-                recs = load_records(args.file, kind=kind, skip_bad=True, skipped=bad,
-                                    need_explanation=args.need_explanation, axes=args.axes)
-            finally:  # every bad record, one line each, even when none was good
-                print("\n".join(f"error: {b}" for b in bad), file=sys.stderr, end="\n" if bad else "")
-            settings = {(r["dataset"], r.get("axis", "-")) for r in recs}
-            print(f"{args.file}: {len(recs)} valid {kind} records, {len(bad)} bad; {len(settings)} (dataset, axis) "
-                  f"settings ({'--kind ' + kind if args.kind else 'kind judged from every record; --kind to set it'})")
-            return 2 if bad or not recs else 0
-        if args.cmd == "aggregate":
-            golden = args.golden and {(r["id"], r["axis"]): r["label"]
-                                      for r in load_records(args.golden, kind="golden", axes=args.axes)}
-            records, report = aggregate(load_records(args.raw, kind="raw", axes=args.axes), args.method,
-                                        golden=golden, max_spread=args.max_spread)
-            if not records:
-                raise DataError(f"{args.raw}: aggregation left no training record (no item has a valid rating)")
-            write_jsonl(records, args.out)
-            print(format_report(report) + f"\nwrote {args.out}")
-        elif args.cmd == "import":
-            if args.n is not None and args.n < 1:
-                raise DataError(f"--n must be at least 1, got {args.n}")
-            records, problems = importers.import_conversations(args.format, args.files, n=args.n, seed=args.seed)
-            print("\n".join(f"warning: {m}" for m in problems), file=sys.stderr, end="\n" if problems else "")
-            if not records:
-                raise DataError(f"import {args.format}: no conversation could be read from {', '.join(args.files) or 'the package'}")
-            write_jsonl(records, args.out)
-            print(f"wrote {len(records)} conversations to {args.out} ({len(problems)} entries skipped, listed above)")
-        elif args.cmd == "preview":
-            _preview(args)
-    except (DataError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main("data.py", __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

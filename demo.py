@@ -16,22 +16,23 @@ The experiment (experiment): a SentencePiece tokenizer and a 0.7M-parameter Mist
 model pretrained from scratch on the corpus text, then LoRA with the label and explanation
 variants, each scored on the test split.
 """
-import argparse
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
+import cli
 import data
 import eval as evaluate
-import lora
+import rate
 import train
-from data import AXES, _h, _prompt_body, aggregate, load_records, train_tokenizer, write_jsonl
-from model import Config, ModelError, Transformer, save_model
+from data import AXES, _prompt_body, aggregate, load_records, stable_hash, train_tokenizer, write_jsonl
+from model import Config, Transformer, save_model
+from runs import LAST, Run
 
 # ----------------------------------------------------------------------------- the corpus
 
@@ -165,7 +166,7 @@ def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=200
     labels of ~10% of items), corpus.txt (unlabelled text for a tokenizer and a tiny base model) and
     tokenizer.model (train_tokenizer on corpus.txt). Deterministic for a seed."""
     os.makedirs(out_dir, exist_ok=True)
-    rng = random.Random(_h("demo", seed))
+    rng = random.Random(stable_hash("demo", seed))
     convs, golden, summaries = [], [], []
     raw = [[] for _ in RATERS]  # per rater, one line per item with its 12 ratings
     for dataset, (prefix, probs) in DEMO_SETS.items():
@@ -176,7 +177,7 @@ def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=200
             lines = [{**conv, "ratings": []} for _ in RATERS]
             for axis, names in CUES.items():
                 truth = 1 + sum(cues[c] for c in names)
-                if _h("golden", conv["id"]) % 10 == 0:
+                if stable_hash("golden", conv["id"]) % 10 == 0:
                     golden.append({"id": conv["id"], "axis": axis, "label": truth})
                 for k, (rater, bias, noise, mention) in enumerate(RATERS):
                     for prompt, scale, calm in PROMPTS:
@@ -202,7 +203,7 @@ def write_demo(out_dir, seed=0, n_per_dataset=150, n_corpus=3000, vocab_size=200
     # unlabelled text: fresh conversations in the prompts' layout, and explanation-style sentences
     # about no conversation in particular (so the base model knows the words, not the task)
     paths["corpus"] = os.path.join(out_dir, "corpus.txt")
-    crng = random.Random(_h("corpus", seed))
+    crng = random.Random(stable_hash("corpus", seed))
     with open(paths["corpus"], "w", encoding="utf-8") as f:
         for i in range(n_corpus):
             dataset = crng.choice(sorted(DEMO_SETS))
@@ -223,13 +224,81 @@ DEMO_LORA = dict(rank=16, alpha=32, lora_dropout=0.0, lr=3e-3, steps=400, batch_
                  max_len=256, checkpointing=False, val_every=200, save_every=200, log_every=100)
 
 
+# ----------------------------------------------------------------------------- tiny models for study.py --smoke
+
+SMOKE_ANSWER = "Score:{}\nExplanation:Fluent reply."  # what the scripted smoke rater says, score sampled
+
+
+def build_smoke_rater(path, text_path, seed=0, gain=2.0):
+    """A scripted tiny rater: every layer's output projection is zero, so each next token depends on
+    the current one only (a bigram table in the embedding and the LM head). From any token that is
+    not part of the answer it starts SMOKE_ANSWER; after 'Score:' the five digits are equally likely,
+    so sampling gives varied scores (rate.py reads them from the digit distribution). Its tokenizer keeps 'Score:' and 'Explanation:' as single pieces, which makes every
+    other piece of the answer have one successor."""
+    os.makedirs(path, exist_ok=True)
+    example = {"context": ["Hi there!", "Hello, how are you?"], "response": "Fine, thanks."}
+    lines = [rate.rating_prompt(example, a, d, s) for a, d in data.AXES.items() for s in rate.STRATEGIES.values()]
+    lines += [SMOKE_ANSWER.format(k) for k in range(1, 6)] * 4
+    with open(os.path.join(path, "text.txt"), "w") as f:  # the prompts' words and the conversations'
+        f.write("\n".join(lines) + "\n" + open(text_path).read())
+    tok_file = train_tokenizer(os.path.join(path, "text.txt"), os.path.join(path, "sp"), 1000,
+                               symbols=["Score:", "Explanation:"])
+    tok = data.Tokenizer(tok_file)
+    answers = [tok.continuation(SMOKE_ANSWER.format(k)) for k in range(1, 6)]  # no leading '▁'
+    successors = {}
+    for ids in answers:
+        for a, b in zip(ids, ids[1:] + [tok.eos_id]):
+            successors.setdefault(a, set()).add(b)
+    branching = [a for a, b in successors.items() if len(b) > 1]
+    if len(branching) != 1 or len(successors[branching[0]]) != 5:
+        raise cli.Error(f"smoke rater: the answer's pieces {[tok.piece(i) for i in answers[0]]} do not form a chain")
+    cfg = Config(name="smoke-rater", arch="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64,
+                 n_layers=1, n_heads=4, n_kv_heads=4, max_position_embeddings=2048, torch_dtype="float32",
+                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    chain = sorted(successors)
+    if len(chain) + 1 > cfg.hidden_size:
+        raise cli.Error(f"smoke rater: {len(chain)} answer pieces do not fit in {cfg.hidden_size} dimensions")
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.zero_()  # zero projections: each block adds nothing
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight  # (V, D) each
+        emb[:, 0] = 1.0                       # dimension 0: "not in the answer"
+        head[answers[0][0], 0] = gain         # ... is followed by the answer's first piece
+        for k, a in enumerate(chain, 1):      # dimension k: piece a of the answer
+            emb[a] = 0.0
+            emb[a, k] = 1.0
+            for b in successors[a]:
+                head[b, k] = gain             # RMSNorm scales a one-hot to sqrt(64): logit 16, others 0
+    save_model(model, path)
+    shutil.copyfile(tok_file, os.path.join(path, "tokenizer.model"))
+    return path
+
+
+def build_smoke_student(path, text_path, seed=0):
+    """A tiny random Mistral-shaped student and a SentencePiece tokenizer trained on both corpora."""
+    os.makedirs(path, exist_ok=True)
+    tok_file = train_tokenizer(text_path, os.path.join(path, "sp"), vocab_size=1000)
+    tok = data.Tokenizer(tok_file)
+    torch.manual_seed(seed)
+    cfg = replace(Config.from_name("tiny"), name="smoke-student", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_model(Transformer(cfg), path)
+    shutil.copyfile(tok_file, os.path.join(path, "tokenizer.model"))
+    return path
+
+
+
+# ----------------------------------------------------------------------------- the demo experiment
+
 def experiment(out="runs/demo", seed=0):
     """The whole experiment in miniature: corpus, tokenizer, a tiny base model, two LoRA variants.
     Finished steps (a base or run folder with done.json) are kept when it is run again."""
     t0 = time.time()
     paths = write_demo(os.path.join(out, "data"), seed=seed)
     base = os.path.join(out, "base")
-    if not os.path.exists(os.path.join(base, "done.json")):
+    if not Run(base).finished:
         init = os.path.join(out, "init")
         tok_path = paths["tokenizer"]
         tok = data.Tokenizer(tok_path)
@@ -243,9 +312,9 @@ def experiment(out="runs/demo", seed=0):
     results = {}
     for variant in ("label", "explanation"):
         run_dir = os.path.join(out, variant)
-        if not os.path.exists(os.path.join(run_dir, "done.json")):
+        if not Run(run_dir).finished:
             print(f"== LoRA training, variant {variant}")
-            train.run(train.TrainConfig(model=os.path.join(base, "last"), data=paths["train"], out=run_dir,
+            train.run(train.TrainConfig(model=Run(base).checkpoint(LAST), data=paths["train"], out=run_dir,
                                         variant=variant, seed=seed, overwrite=True, **DEMO_LORA))
         results[variant] = evaluate.score_run(run_dir, split="test")
     print(f"\nDemo results on the test split ({time.time() - t0:.0f} s in all):")
@@ -256,25 +325,24 @@ def experiment(out="runs/demo", seed=0):
     return results
 
 
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"            # where the corpus, base model and runs go
+    seed: int = 0                     # corpus, base model, LoRA initialisation and batch order
+    corpus_only: bool = False         # write the corpus (conversations, raw, train, golden, corpus, tokenizer) and stop
+    n_per_dataset: int = 150          # with --corpus-only: items per dataset
+
+
+def demo(cfg):
+    if cfg.corpus_only:
+        paths = write_demo(cfg.out, seed=cfg.seed, n_per_dataset=cfg.n_per_dataset)
+        print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
+        return paths
+    return experiment(cfg.out, cfg.seed)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser("demo.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="where the corpus, base model and runs go")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corpus-only", action="store_true",
-                   help="write the corpus (conversations, raw, train, golden, corpus, tokenizer) and stop")
-    p.add_argument("--n-per-dataset", type=int, default=150, help="with --corpus-only: items per dataset")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if a.corpus_only:
-            paths = write_demo(a.out, seed=a.seed, n_per_dataset=a.n_per_dataset)
-            print("\n".join(f"{k:14} {v}" for k, v in paths.items()))
-            return 0
-        experiment(a.out, a.seed)
-    except (train.TrainError, ModelError, data.DataError, data.TokenizerError, lora.AdapterError,
-            evaluate.EvalError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main("demo.py", __doc__, {"demo": cli.Command(DemoConfig, demo, "")}, argv, default="demo")
 
 
 if __name__ == "__main__":

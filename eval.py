@@ -22,29 +22,34 @@ first averaged over a variant's seeds), training (train.py).
     python eval.py --model DIR [--adapter DIR] --data FILE [--split all] [--out DIR]  # no adapter: zero-shot
     python eval.py compare runs/grid/* [--out DIR]
 
-Length: ~660 lines for the three things eval.py owns: the metrics (numpy only, readable
+Length: ~620 lines for the three things eval.py owns: the metrics (numpy only, readable
 alone), scoring, and the comparison tables across variants and seeds.
 """
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
+import cli
 import data
 import lora
-from model import ModelError, generate, load_model
+from cli import write_atomic
+from data import ORDERS, TEMPLATES
+from model import generate, load_model
+from runs import DONE, PREDICTIONS, SCORES, Run, fingerprint
 
 METRICS = ("accuracy", "macro_f1", "qwk", "mae", "nll", "ece", "brier")
 N_BINS = 10  # calibration bins
 
 
-class EvalError(ValueError):
+class EvalError(cli.Error, ValueError):
     """Runs, predictions or options that cannot be scored or compared; the message says which."""
 
 
@@ -239,45 +244,10 @@ def evaluate(model, tok, records, device, batch_size=16, order="rating_first", *
 
 
 def write_results(out_dir, rows, metrics):
+    """predictions.jsonl and metrics.json in out_dir (a run's own go through runs.Run.write_scores)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-
-
-def read_run_config(run_dir):
-    path = os.path.join(run_dir, "train_config.json")
-    if not os.path.exists(path):
-        raise EvalError(f"{run_dir}: not a run folder (no train_config.json)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def run_checkpoint(run_dir, checkpoint="best"):
-    """The checkpoint folder of a run to read: run_dir/<checkpoint>, where a run trained without a
-    validation split has no best/ and its last/ stands in."""
-    ckpt = os.path.join(run_dir, checkpoint)
-    if checkpoint == "best" and not os.path.isdir(ckpt):
-        ckpt = os.path.join(run_dir, "last")
-    if not os.path.isdir(ckpt):
-        raise EvalError(f"{ckpt}: no such checkpoint (is the run finished?)")
-    return ckpt
-
-
-def fingerprint(ckpt):
-    """sha256 of a checkpoint's weights file: predictions are tied to the weights they came from."""
-    import hashlib
-
-    for name in ("adapter_model.safetensors", "model.safetensors"):
-        path = os.path.join(ckpt, name)
-        if os.path.exists(path):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return h.hexdigest()
-    return None
+    write_atomic(os.path.join(out_dir, PREDICTIONS), "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(os.path.join(out_dir, SCORES), json.dumps(metrics, indent=2))
 
 
 def run_records(cfg, split):
@@ -291,11 +261,12 @@ def open_run(run_dir, checkpoint="best", device="auto", quantize=None):
     or last/ for a run without a validation split), in 4 bits if the run was (or `quantize` says),
     and in the dtype the run trained in when it named one (a bf16 CPU run is scored in bf16, as it
     trained; "auto" keeps load_model's default)."""
-    cfg = read_run_config(run_dir)
+    run = Run(run_dir)
+    cfg = run.config
     if cfg.get("full"):
         raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
                         f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
-    ckpt = run_checkpoint(run_dir, checkpoint)
+    ckpt = run.checkpoint(checkpoint)
     dtype = cfg.get("dtype") if cfg.get("dtype", "auto") != "auto" else None
     model, tok, device = load_scorer(cfg["model"], ckpt, device, cfg.get("quantize") if quantize is None else quantize,
                                      dtype)
@@ -312,35 +283,11 @@ def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="a
                              template=cfg["template"], max_len=cfg["max_len"], axes=cfg.get("axes_file") or None)
     metrics.update(run=run_dir, checkpoint=ckpt, checkpoint_sha256=fingerprint(ckpt), split=split,
                    variant=cfg["variant"], seed=cfg["seed"])
-    write_results(os.path.join(run_dir, f"eval-{split}"), rows, metrics)
+    Run(run_dir).write_scores(split, rows, metrics)
     return metrics
 
 
 # ----------------------------------------------------------------------------- comparing runs
-
-def stale_reason(run, split):
-    """Why a run's saved predictions no longer describe its checkpoint (None: they do). Predictions
-    written by score_run record the checkpoint and its fingerprint; a retrained run changes them."""
-    path = os.path.join(run, f"eval-{split}", "metrics.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except ValueError as e:
-        return f"its metrics.json is unreadable ({e})"
-    if "checkpoint" not in saved:
-        return None
-    try:
-        now = run_checkpoint(run)
-    except EvalError:
-        return None
-    if os.path.abspath(now) != os.path.abspath(saved["checkpoint"]):
-        return f"it was scored from {saved['checkpoint']}, the run's checkpoint is now {now}"
-    if fingerprint(now) != saved.get("checkpoint_sha256"):
-        return f"{now} has changed since it was scored"
-    return None
-
 
 PREDICTION_FIELDS = ("id", "dataset", "axis", "gold", "predicted", "probs")
 
@@ -377,8 +324,8 @@ def read_predictions(path):
 
 def _can_score(run, cfg):
     try:
-        return "model" in cfg and "data" in cfg and bool(run_checkpoint(run))
-    except EvalError:
+        return "model" in cfg and "data" in cfg and bool(Run(run).checkpoint())
+    except cli.Error:
         return False
 
 
@@ -389,12 +336,12 @@ def load_grid(runs, split="test"):
     scored on different items (or gold labels) are refused, never mixed."""
     grid, ref = {}, None
     for run in runs:
-        cfg = read_run_config(run)
-        path = os.path.join(run, f"eval-{split}", "predictions.jsonl")
+        cfg = Run(run).config
+        path = Run(run).predictions(split)
         if not os.path.exists(path):
             print(f"scoring {run} on the {split} split")
             score_run(run, split)
-        elif reason := stale_reason(run, split):
+        elif reason := Run(run).stale_reason(split):
             print(f"rescoring {run} on the {split} split: {reason}")
             score_run(run, split)
         try:
@@ -447,9 +394,31 @@ def _mean_std(values):
             "values": values}
 
 
-def compare(runs, out=None, split="test", n_boot=2000, seed=0):
+@dataclass
+class CompareConfig:
+    POSITIONAL: ClassVar = ("runs",)
+    runs: list                        # run folders (any variant and seed); folders that are not runs are skipped
+    out: str = ""                     # output folder (default: <common parent of the runs>/compare)
+    split: str = "test"               # the split the runs were scored on (unscored runs are scored first)
+    n_boot: int = 2000                # bootstrap resamples
+    seed: int = 0                     # bootstrap seed
+    allow_unfinished: bool = False    # include runs with no done.json yet (scored on their latest checkpoint)
+
+
+def compare(cfg):
     """Compare runs across variants and seeds; writes compare.md, .csv, .json (and .png with
-    matplotlib) into `out` and returns the summary dict."""
+    matplotlib) into cfg.out and returns the summary dict."""
+    runs = [r for r in cfg.runs if Run(r).is_run]
+    for r in sorted(set(cfg.runs) - set(runs)):
+        print(f"skipping {r}: not a run folder")
+    unfinished = [r for r in runs if not Run(r).finished]
+    if unfinished and not cfg.allow_unfinished:
+        for r in unfinished:
+            print(f"skipping {r}: unfinished (no {DONE}); --allow-unfinished includes it")
+        runs = [r for r in runs if r not in unfinished]
+    if not runs:
+        raise EvalError("no finished run folder among the arguments")
+    split, n_boot, seed = cfg.split, cfg.n_boot, cfg.seed
     grid = load_grid(runs, split)
     def column_order(v):  # data.VARIANTS' order; 'explanation+rw' right after 'explanation'
         name = v.split("+")[0]
@@ -491,7 +460,7 @@ def compare(runs, out=None, split="test", n_boot=2000, seed=0):
     summary = {"split": split, "runs": {v: {str(s): run for s, (run, _) in grid[v].items()} for v in variants},
                "table": table, "versus_label": versus, "reliability": calibration,
                "gap": gap, "majority": majority}
-    out = out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in runs]), "compare")
+    out = cfg.out or os.path.join(os.path.commonpath([os.path.abspath(r) for r in runs]), "compare")
     write_comparison(out, summary, variants, settings)
     return summary
 
@@ -540,14 +509,11 @@ def markdown(summary, variants, settings):
 def write_comparison(out, summary, variants, settings):
     os.makedirs(out, exist_ok=True)
     text = markdown(summary, variants, settings)
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "compare.csv"), "w") as f:
-        f.write("setting,variant,metric,mean,std,n_seeds\n")
-        f.writelines(f"{s},{v},{k},{x['mean']:.6f},{x['std']:.6f},{len(x['values'])}\n"
-                     for s in settings for v in variants for k, x in summary["table"][s][v].items())
+    write_atomic(os.path.join(out, "compare.md"), text)
+    write_atomic(os.path.join(out, "compare.json"), json.dumps(summary, indent=2))
+    write_atomic(os.path.join(out, "compare.csv"), "setting,variant,metric,mean,std,n_seeds\n" + "".join(
+        f"{s},{v},{k},{x['mean']:.6f},{x['std']:.6f},{len(x['values'])}\n"
+        for s in settings for v in variants for k, x in summary["table"][s][v].items()))
     print(text)
     print(f"wrote {out}/compare.md, .csv, .json" + (", reliability.png, differences.png"
                                                      if plot(out, summary, variants, settings) else
@@ -599,75 +565,58 @@ def _print_metrics(m):
           (f"; {m['unparsed']} outputs without a rating, counted wrong" if m["unparsed"] else ""))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    doc = __doc__.split("\n\n")
-    fmt = argparse.RawDescriptionHelpFormatter
-    try:
-        if argv[:1] == ["compare"]:
-            p = argparse.ArgumentParser("eval.py compare", description=doc[3], formatter_class=fmt)
-            p.add_argument("runs", nargs="+", help="run folders (any variant and seed); others are skipped")
-            p.add_argument("--out", help="output folder (default: <common parent of the runs>/compare)")
-            p.add_argument("--split", default="test", help="the split the runs were scored on")
-            p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
-            p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-            p.add_argument("--allow-unfinished", action="store_true",
-                           help="include runs with no done.json yet (scored on their latest checkpoint)")
-            a = p.parse_args(argv[1:])
-            runs = [r for r in a.runs if os.path.exists(os.path.join(r, "train_config.json"))]
-            for r in sorted(set(a.runs) - set(runs)):
-                print(f"skipping {r}: not a run folder")
-            unfinished = [r for r in runs if not os.path.exists(os.path.join(r, "done.json"))]
-            if unfinished and not a.allow_unfinished:
-                for r in unfinished:
-                    print(f"skipping {r}: unfinished (no done.json); --allow-unfinished includes it")
-                runs = [r for r in runs if r not in unfinished]
-            if not runs:
-                raise EvalError("no finished run folder among the arguments")
-            compare(runs, a.out, a.split, a.n_boot, a.seed)
-            return
-        p = argparse.ArgumentParser("eval.py", description=doc[0] + "\n\n" + doc[-1], formatter_class=fmt)
-        p.add_argument("--run", help="run folder written by train.py")
-        p.add_argument("--checkpoint", default="best", help="best | last (with --run)")
-        p.add_argument("--model", help="base checkpoint folder (with --data; no --adapter: zero-shot)")
-        p.add_argument("--adapter", help="LoRA adapter folder (PEFT format)")
-        p.add_argument("--data", help="records to score (.jsonl/.csv; with --model)")
-        p.add_argument("--split", default="test", help="train | val | test (data.split_of's hash of the id) | all")
-        p.add_argument("--order", default="rating_first", choices=data.ORDERS, help="with --model")
-        p.add_argument("--template", choices=data.TEMPLATES, help="with --model (default: data.py's)")
-        p.add_argument("--max-len", type=int, help="prompt + rating token limit, with --model (default: data.py's)")
-        p.add_argument("--out", help="where --model writes predictions.jsonl and metrics.json")
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--quantize", default=None,
-                       help="nf4: 4-bit base, nf4-dq: with 8-bit scales (default: as the run was trained)")
-        p.add_argument("--allow-unfinished", action="store_true",
-                       help="with --run: score a run that has no done.json yet (its latest checkpoint)")
-        a = p.parse_args(argv)
-        if a.run:
-            read_run_config(a.run)
-            if not a.allow_unfinished and not os.path.exists(os.path.join(a.run, "done.json")):
-                raise EvalError(f"{a.run}: the run is unfinished (no done.json); pass --allow-unfinished "
-                                "to score its latest checkpoint anyway")
-            m = score_run(a.run, a.split, a.checkpoint, a.batch_size, a.device, a.quantize)
-            out = os.path.join(a.run, f"eval-{a.split}")
-        elif a.model and a.data:
-            model, tok, device = load_scorer(a.model, a.adapter, a.device, a.quantize)
-            build = {k: v for k, v in (("template", a.template), ("max_len", a.max_len)) if v is not None}
-            rows, m = evaluate(model, tok, split_records(a.data, a.split), device, a.batch_size, order=a.order, **build)
-            m.update(model=a.model, adapter=a.adapter, data=a.data, split=a.split)
-            out = a.out
-            if out:
-                write_results(out, rows, m)
-        else:
-            p.error("give --run RUN, or --model DIR --data FILE")
-        _print_metrics(m)
+@dataclass
+class ScoreConfig:
+    run: str = ""                     # run folder written by train.py
+    checkpoint: Literal["best", "last"] = "best"  # which checkpoint of --run
+    model: str = ""                   # base checkpoint folder or .gguf (with --data; no --adapter: zero-shot)
+    adapter: str = ""                 # LoRA adapter folder (PEFT format), with --model
+    data: str = ""                    # records to score (.jsonl/.csv), with --model
+    split: str = "test"               # train | val | test (data.split_of's hash of the id) | all
+    order: Literal[ORDERS] = "rating_first"  # with --model
+    template: Literal[TEMPLATES] | None = None  # with --model (default: data.py's)
+    max_len: int | None = None        # prompt + rating token limit, with --model (default: data.py's)
+    out: str = ""                     # where --model writes predictions.jsonl and metrics.json
+    batch_size: int = 16              # examples per forward pass
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    quantize: Literal["nf4", "nf4-dq"] | None = None  # 4-bit base; nf4-dq with 8-bit scales (default: as the run trained)
+    allow_unfinished: bool = False    # with --run: score a run that has no done.json yet (its latest checkpoint)
+
+
+def score(cfg):
+    """Score a run folder (into <run>/eval-<split>/), or a base model with an optional adapter on a
+    data file; print the metrics."""
+    if cfg.run:
+        if not cfg.allow_unfinished and not Run(cfg.run).finished:
+            Run(cfg.run).config  # not a run folder at all: say that first
+            raise EvalError(f"{cfg.run}: the run is unfinished (no {DONE}); pass --allow-unfinished "
+                            "to score its latest checkpoint anyway")
+        m = score_run(cfg.run, cfg.split, cfg.checkpoint, cfg.batch_size, cfg.device, cfg.quantize)
+        out = Run(cfg.run).eval_dir(cfg.split)
+    elif cfg.model and cfg.data:
+        model, tok, device = load_scorer(cfg.model, cfg.adapter or None, cfg.device, cfg.quantize)
+        build = {k: v for k, v in (("template", cfg.template), ("max_len", cfg.max_len)) if v is not None}
+        rows, m = evaluate(model, tok, split_records(cfg.data, cfg.split), device, cfg.batch_size, order=cfg.order,
+                           **build)
+        m.update(model=cfg.model, adapter=cfg.adapter or None, data=cfg.data, split=cfg.split)
+        out = cfg.out
         if out:
-            print(f"wrote {out}/predictions.jsonl and metrics.json")
-    except (EvalError, ModelError, data.DataError, data.TokenizerError, lora.AdapterError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            write_results(out, rows, m)
+    else:
+        raise EvalError("give --run RUN, or --model DIR --data FILE (see eval.py --help)")
+    _print_metrics(m)
+    if out:
+        print(f"wrote {out}/{PREDICTIONS} and {SCORES}")
+    return m
+
+
+COMMANDS = {"score": cli.Command(ScoreConfig, score, "score a run, or a model on a data file"),
+            "compare": cli.Command(CompareConfig, compare, "compare runs across variants and seeds")}
+
+
+def main(argv=None):
+    return cli.main("eval.py", __doc__, COMMANDS, argv, default="score")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

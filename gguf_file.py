@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cli import Error
+
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -48,7 +50,7 @@ TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32,
          8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 
 
-class GGUFError(ValueError):
+class GGUFError(Error, ValueError):
     """A GGUF file that cannot be used; the message names the file and, where there is one, the tensor."""
 
 
@@ -59,10 +61,6 @@ class TensorInfo:
     type: int         # ggml type id, see TYPES
     offset: int       # absolute byte offset in the file
     nbytes: int
-
-    @property
-    def type_name(self):
-        return TYPES[self.type][0] if self.type in TYPES else f"type {self.type}"
 
 
 class GGUF:

@@ -1,6 +1,6 @@
 """The public releases of the paper's six datasets and the chit-chat package -> conversation records.
 
-    python data.py import FORMAT FILE... -o conversations.jsonl [--n N] [--seed S]
+    python importers.py FORMAT [FILE...] -o conversations.jsonl [--n N] [--seed S]
 
 Each format has one function that turns an entry of the release's own files (JSON, JSONL or
 .jsonl.gz; Cornell's two text files) into records {id, dataset, context, response}: the input of
@@ -15,12 +15,17 @@ import ast
 import json
 import os
 import re
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
-from data import DataError, _h, _open, check_record
+import cli
+from data import DataError, check_record, open_text, stable_hash, write_jsonl
+
 
 def _items(path, key=None):
     """(where, object or DataError) for each item of a JSON list, a {key: [...]} JSON file or JSONL."""
-    with _open(path) as f:
+    with open_text(path) as f:
         text = f.read()
     try:
         data = json.loads(text)
@@ -59,7 +64,7 @@ def _hh(x, seed):  # {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": 
         turns = [(who, said.strip()) for who, said in zip(bits[1::2], bits[2::2])]
         if len(turns) < 2 or turns[-1][0] != "Assistant":
             raise ValueError(f"{part}: no 'Human:' turn followed by a final 'Assistant:' turn")
-        out.append({"id": f"hh-{part}-{_h(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
+        out.append({"id": f"hh-{part}-{stable_hash(x[part]) % 16**12:012x}", "dataset": f"hh-rlhf-{part}",
                     "context": [t for _, t in turns[:-1]], "response": turns[-1][1]})
     return out
 
@@ -68,7 +73,7 @@ def _amazonqa(x, seed):  # {"qid"?, "asin", "questionText", "answers": [{"answer
     q, answers = x["questionText"].strip(), [a["answerText"] for a in x["answers"]]
     if not q or not answers:
         raise ValueError("empty question or no answers")
-    qid = x.get("qid") or f"{x.get('asin', '')}-{_h(q) % 16**8:08x}"
+    qid = x.get("qid") or f"{x.get('asin', '')}-{stable_hash(q) % 16**8:08x}"
     return [{"id": f"amazonqa-{qid}", "dataset": "amazonqa", "context": [q], "response": answers[0]}]
 
 
@@ -76,7 +81,7 @@ def _coqa(x, seed):  # {"id", "story", "questions": [{"input_text"}], "answers":
     qs, ans = [q["input_text"] for q in x["questions"]], [a["input_text"] for a in x["answers"]]
     if not qs or len(qs) != len(ans):
         raise ValueError(f"{len(qs)} questions but {len(ans)} answers")
-    k = _h(seed, x["id"]) % len(qs)
+    k = stable_hash(seed, x["id"]) % len(qs)
     turns = [t for qa in zip(qs[:k], ans[:k]) for t in qa] + [qs[k]]
     turns[0] = f"{x['story'].strip()}\n\n{turns[0]}"
     return [{"id": f"coqa-{x['id']}-{k + 1}", "dataset": "coqa", "context": turns, "response": ans[k]}]
@@ -120,7 +125,7 @@ def _chitchat(x, seed):  # built by _chitchat_entries: {"id", "messages": [[{"te
     turns = [t for t in turns if t]
     if len(turns) < 2:
         raise ValueError(f"{len(turns)} non-empty turn(s); a conversation needs a context and a response")
-    k = 1 + _h(seed, x["id"]) % (len(turns) - 1)  # the response: a hashed turn after the first
+    k = 1 + stable_hash(seed, x["id"]) % (len(turns) - 1)  # the response: a hashed turn after the first
     return [{"id": f"chitchat-{x['id']}-{k}", "dataset": "chitchat", "context": turns[:k], "response": turns[k]}]
 
 
@@ -138,7 +143,7 @@ def _chitchat_entries(paths):
     A conversation of one person alone (a single turn) cannot be cut, and is reported as such."""
     for path in paths:
         try:
-            with _open(path) as f:
+            with open_text(path) as f:
                 conversations = json.load(f)
         except ValueError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
@@ -185,6 +190,39 @@ def import_conversations(fmt, paths, *, n=None, seed=0):
     if n:
         keep = set()
         for ds in {r["dataset"] for r in records}:
-            keep.update(sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: _h(seed, i))[:n])
+            keep.update(sorted((r["id"] for r in records if r["dataset"] == ds), key=lambda i: stable_hash(seed, i))[:n])
         records = [r for r in records if r["id"] in keep]
     return records, problems
+
+
+# ------------------------------------------------------------------------------------- command line
+
+@dataclass
+class ImportConfig:
+    POSITIONAL: ClassVar = ("format", "files")
+    format: Literal[tuple(sorted(IMPORTERS))]  # which release the files come from
+    out: str                                   # the conversation records (JSONL): rate.py's input
+    files: list = field(default_factory=list)  # the release's files (chitchat: default, the installed package's)
+    n: int | None = None                       # keep a seeded sample of N conversations per dataset
+    seed: int = 0                              # which sample, and where dialogues are cut
+
+
+def import_command(cfg: ImportConfig):
+    """import_conversations() to a JSONL file; each skipped entry is one warning line on stderr."""
+    if cfg.n is not None and cfg.n < 1:
+        raise DataError(f"--n must be at least 1, got {cfg.n}")
+    records, problems = import_conversations(cfg.format, cfg.files, n=cfg.n, seed=cfg.seed)
+    print("\n".join(f"warning: {m}" for m in problems), file=sys.stderr, end="\n" if problems else "")
+    if not records:
+        raise DataError(f"import {cfg.format}: no conversation could be read from {', '.join(cfg.files) or 'the package'}")
+    write_jsonl(records, cfg.out)
+    print(f"wrote {len(records)} conversations to {cfg.out} ({len(problems)} entries skipped, listed above)")
+
+
+def main(argv=None):
+    command = cli.Command(ImportConfig, import_command, "a public dataset's own files -> conversations.jsonl")
+    return cli.main("importers.py", __doc__, {"import": command}, argv, default="import")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

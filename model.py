@@ -20,7 +20,6 @@ checkpoint loads with no renaming and a saved folder loads in `transformers`.
 Length: ~670 lines: the decoder (~170), loading and saving checkpoints with the checks that
 name a bad file or tensor (~230), and KV-cache generation.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import gguf_file
+import cli
+from cli import Error, write_atomic
 from gguf_file import GGUFError
 from quant import NF4Linear, is_4bit
 
@@ -41,7 +42,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(Error, ValueError):
     """A checkpoint folder, config or tensor that cannot be used; the message names which."""
 
 
@@ -526,33 +527,21 @@ def save_model(model, path, max_shard_size="2GB"):
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for name, shard in zip(names, shards):
-        _atomic(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        write_atomic(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
         weight_map.update({k: name for k in shard})
     index_path = os.path.join(path, "model.safetensors.index.json")
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(index_path, lambda tmp: _dump_json(index, tmp))
+        write_atomic(index_path, json.dumps(index, indent=2))
     elif os.path.exists(index_path):  # an earlier, sharded save: its index would send readers to old shards
         os.remove(index_path)
     dtype_name = {v: k for k, v in DTYPES.items() if k in ("float32", "bfloat16", "float16")}
     cfg = replace(model.config, torch_dtype=dtype_name.get(next(iter(state.values())).dtype, "float32"))
-    _atomic(os.path.join(path, "config.json"), lambda tmp: _dump_json(cfg.to_hf(), tmp))
+    write_atomic(os.path.join(path, "config.json"), json.dumps(cfg.to_hf(), indent=2))
     for old in os.listdir(path):  # shards of an earlier save under other names, now unreferenced
         if old not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old):
             os.remove(os.path.join(path, old))
-
-
-def _dump_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _atomic(path, write):
-    """Write through a temporary name and rename, so a crash never leaves half a file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -657,13 +646,16 @@ def smollm2_path():
     return path
 
 
+@dataclass
+class PathConfig:
+    smollm2: bool = False             # print the path of the SmolLM2-135M-Instruct GGUF
+
+
+def print_path(cfg):
+    if not cfg.smollm2:
+        raise ModelError("nothing to do (try --smollm2)")
+    print(smollm2_path())
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Checkpoint helpers.")
-    parser.add_argument("--smollm2", action="store_true", help="print the path of the SmolLM2-135M-Instruct GGUF")
-    args = parser.parse_args()
-    if not args.smollm2:
-        parser.error("nothing to do (try --smollm2)")
-    try:
-        print(smollm2_path())
-    except ModelError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli.main("model.py", "Checkpoint helpers.", {"path": cli.Command(PathConfig, print_path)}, default="path"))

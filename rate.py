@@ -1,4 +1,4 @@
-"""The labelling step: an ensemble of local instruction models rates and explains each response.
+r"""The labelling step: an ensemble of local instruction models rates and explains each response.
 
 The paper's training data came from three LLM raters x four prompting strategies (a 1-4 scale, 1-4
 with rated examples, 1-5, 1-5 with examples): 12 scores and 12 explanations per conversation and
@@ -9,6 +9,11 @@ both model-driven steps with checkpoints on disk:
         --axes naturalness,comprehensiveness,on_topic --out raw.jsonl
     python rate.py summarize --model MODEL_DIR_OR_GGUF --input raw.jsonl --out raw.jsonl
     python data.py aggregate raw.jsonl -o train.jsonl
+
+and, before the hours that rating takes, whether a rater's score sees the response at all (the AUC
+of each response against a copy of it made worse on the axis):
+
+    python rate.py check --raters RATER_DIR_OR_GGUF [...] --input conversations.jsonl --out check.json
 
 Each rater (a Llama/Mistral instruction checkpoint folder with its tokenizer, or a GGUF file such as
 SmolLM2-135M-Instruct's, loaded one at a time with `model.load_model`) sees the axis rubric in its own
@@ -47,10 +52,10 @@ redo them). Strategies beyond the four built in come from `--prompts-file`, a JS
                                "score": 4, "explanation": "Friendly and fluent."}]}}
 ("examples": true uses the built-in rated examples, which exist for scales 4 and 5).
 
-Length: ~720 lines, one concern: the labelling step. Prompting strategies, prompts cut to fit,
-the two-phase rating, the resumable raw file, the rater check and the summaries.
+Length: ~745 lines, one concern: the labelling step. Prompting strategies, prompts cut to fit,
+the two-phase rating, the resumable raw file, the rater check, the summaries and the settings of
+the three commands.
 """
-import argparse
 import json
 import os
 import random
@@ -60,12 +65,15 @@ import sys
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 
+import cli
 import data
-from model import DTYPES, ModelError, generate, load_model
+from model import DTYPES, generate, load_model
 
 # ----------------------------------------------------------------------------- defaults
 BATCH_SIZE = 8            # prompts answered together (one forward for the scores, one KV cache for the explanations)
@@ -80,7 +88,7 @@ EXPLANATION_START = "The response"  # the explanation's first words, also prefil
 MAX_SENTENCES = 2                   # an explanation keeps at most this many
 
 
-class RateError(ValueError):
+class RateError(cli.Error, ValueError):
     """Bad input to rate.py: the message names the file, line or option."""
 
 
@@ -466,28 +474,28 @@ def auc(better, worse):
     return sum(pairs) / len(pairs) if pairs else None
 
 
-def check(args):
+def check(cfg):
     """For each rater, axis and strategy: how well the expected score tells each response from its
     corrupted copy (AUC over all real x corrupted pairs, with a rough 95% interval half-width)."""
-    axes = chosen_axes(args.axes, args.axes_file)
-    strategies = load_strategies(args.prompts.split(","), args.prompts_file)
-    if not os.path.isfile(args.input):
-        raise RateError(f"{args.input}: no such file")
-    if args.n < 2:
-        raise RateError(f"--n {args.n}: the check needs at least two conversations")
-    records = data.load_records(args.input, kind="conversation", axes=axes)[:args.n]
+    axes = chosen_axes(cfg.axes, cfg.axes_file)
+    strategies = load_strategies(cfg.prompts.split(","), cfg.prompts_file)
+    if not os.path.isfile(cfg.input):
+        raise RateError(f"{cfg.input}: no such file")
+    if cfg.n < 2:
+        raise RateError(f"--n {cfg.n}: the check needs at least two conversations")
+    records = data.load_records(cfg.input, kind="conversation", axes=axes)[:cfg.n]
     if len(records) < 2:
-        raise RateError(f"{args.input}: the check needs at least two conversations")
+        raise RateError(f"{cfg.input}: the check needs at least two conversations")
     rows = []
-    for path in args.raters:
+    for path in cfg.raters:
         check_rater(path)
         tok = data.Tokenizer(path)
-        model = load_model(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        model = load_model(path, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
         for axis in axes:
-            worse = corrupt(records, axis, args.seed)
+            worse = corrupt(records, axis, cfg.seed)
             for name, s in strategies.items():
                 score = partial(expected_scores, model, tok, axis=axis, description=axes[axis], strategy=s,
-                                max_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
+                                max_tokens=cfg.max_prompt_tokens, batch_size=cfg.batch_size)
                 pairs = [(a, b) for a, b, r, w in zip(score(records=records), score(records=worse), records, worse)
                          if a is not None and b is not None and r["response"] != w["response"]]
                 a, b = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -503,51 +511,49 @@ def check(args):
                       "no pair: no prompt fits, or the worsened copy equals the response (one word)"),
                       file=sys.stderr, flush=True)
         del model
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"n": len(records), "corruption": " ".join(corrupt.__doc__.split()), "rows": rows}, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    cli.write_atomic(cfg.out, json.dumps({"n": len(records), "corruption": " ".join(corrupt.__doc__.split()),
+                                          "rows": rows}, indent=2))
+    print(f"wrote {cfg.out}", file=sys.stderr)
     return rows
 
 
 # ----------------------------------------------------------------------------- rate
 
-def rate(args):
-    axes = chosen_axes(args.axes, args.axes_file)
-    strategies = load_strategies(args.prompts.split(","), args.prompts_file)
+def rate(cfg):
+    axes = chosen_axes(cfg.axes, cfg.axes_file)
+    strategies = load_strategies(cfg.prompts.split(","), cfg.prompts_file)
     for name, s in strategies.items():
         for axis in axes:
             if s.get("examples") and not strategy_examples(s, axis):
                 raise RateError(f"strategy {name!r} has no rated examples for axis {axis!r}; add some in --prompts-file")
-    for path in args.raters:
+    for path in cfg.raters:
         check_rater(path)
-    names = [rater_name(p) for p in args.raters]  # the rater's name in the output
+    names = [rater_name(p) for p in cfg.raters]  # the rater's name in the output
     if len(set(names)) < len(names):
         raise RateError(f"two raters share the folder name {max(names, key=names.count)!r}; rename one")
-    if args.samples > 1 and args.temperature == 0:
+    if cfg.samples > 1 and cfg.temperature == 0:
         raise RateError("--samples above 1 needs --temperature above 0 (greedy samples would be identical)")
-    if not os.path.isfile(args.input):
-        raise RateError(f"{args.input}: no such file")
-    if os.path.exists(args.out) and os.path.samefile(args.out, args.input):
-        raise RateError(f"--out {args.out} is the --input file: ratings would be appended to the conversations")
+    if not os.path.isfile(cfg.input):
+        raise RateError(f"{cfg.input}: no such file")
+    if os.path.exists(cfg.out) and os.path.samefile(cfg.out, cfg.input):
+        raise RateError(f"--out {cfg.out} is the --input file: ratings would be appended to the conversations")
     conversations = [{k: c[k] for k in ("id", "dataset", "context", "response")}
-                     for c in data.load_records(args.input, kind="conversation", axes=axes)]
+                     for c in data.load_records(cfg.input, kind="conversation", axes=axes)]
     done = {(r["id"], x["axis"], x["rater"], x["prompt"], x.get("sample", 0))
-            for r in read_jsonl(args.out, repair=True) for x in r.get("ratings", [])}
+            for r in read_jsonl(cfg.out, repair=True) for x in r.get("ratings", [])}
     counts = Counter()  # (rater, prompt, "ok" | "failed") -> ratings written by this run
-    for path, name in zip(args.raters, names):
+    for path, name in zip(cfg.raters, names):
         jobs = [(c, axis, p, k) for c in conversations for axis in axes for p in strategies
-                for k in range(args.samples) if (c["id"], axis, name, p, k) not in done]
-        n_all = len(conversations) * len(axes) * len(strategies) * args.samples
-        print(f"rater {name}: {len(jobs)} ratings to make, {n_all - len(jobs)} already in {args.out}", file=sys.stderr)
+                for k in range(cfg.samples) if (c["id"], axis, name, p, k) not in done]
+        n_all = len(conversations) * len(axes) * len(strategies) * cfg.samples
+        print(f"rater {name}: {len(jobs)} ratings to make, {n_all - len(jobs)} already in {cfg.out}", file=sys.stderr)
         if jobs:
-            rate_with(path, name, jobs, axes, strategies, args, counts)
+            rate_with(path, name, jobs, axes, strategies, cfg, counts)
     for name in names:
         for p in strategies:
             print(f"  {name} {p}: {counts[name, p, 'ok']} rated, {counts[name, p, 'failed']} failed", file=sys.stderr)
     n_failed = sum(n for (_, _, status), n in counts.items() if status == "failed")
-    print(f"wrote {sum(counts.values())} ratings ({n_failed} failed) to {args.out}", file=sys.stderr)
+    print(f"wrote {sum(counts.values())} ratings ({n_failed} failed) to {cfg.out}", file=sys.stderr)
     return counts
 
 
@@ -567,38 +573,38 @@ def rater_name(path):
     return base[:-len(".gguf")] if base.endswith(".gguf") else base
 
 
-def rate_with(path, name, jobs, axes, strategies, args, counts):
+def rate_with(path, name, jobs, axes, strategies, cfg, counts):
     """Load one rater, answer its jobs (conversation, axis, strategy, sample) batch by batch, append."""
     tok = data.Tokenizer(path)
     for s in strategies.values():
         score_tokens(tok, s["scale"])  # a scale this tokenizer cannot score fails before the model loads
-    model = load_model(path, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model = load_model(path, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
     jobs = sorted(jobs, key=lambda j: (j[2], len(str(j[0]["context"])) + len(j[0]["response"])))  # less padding
-    print(f"rater {name}: {model.n_params() / 1e6:.1f}M parameters on {args.device} "
-          f"({next(model.parameters()).dtype}{', nf4' if args.quantize else ''}), {len(jobs)} prompts "
-          f"in batches of {args.batch_size}: the score from the digit logits after {SCORE_CUE!r}, then up to "
-          f"{args.max_new_tokens} tokens of explanation after {(EXPLANATION_CUE.strip() + ' ' + args.explanation_start).strip()!r}",
+    print(f"rater {name}: {model.n_params() / 1e6:.1f}M parameters on {cfg.device} "
+          f"({next(model.parameters()).dtype}{', nf4' if cfg.quantize else ''}), {len(jobs)} prompts "
+          f"in batches of {cfg.batch_size}: the score from the digit logits after {SCORE_CUE!r}, then up to "
+          f"{cfg.max_new_tokens} tokens of explanation after {(EXPLANATION_CUE.strip() + ' ' + cfg.explanation_start).strip()!r}",
           file=sys.stderr)
     progress = Progress(f"rater {name}", len(jobs))
-    for b in range(0, len(jobs), args.batch_size):
-        batch = jobs[b:b + args.batch_size]
-        prompts = [fit_prompt(tok, c, axis, axes[axis], strategies[p], args.max_prompt_tokens) for c, axis, p, _ in batch]
+    for b in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[b:b + cfg.batch_size]
+        prompts = [fit_prompt(tok, c, axis, axes[axis], strategies[p], cfg.max_prompt_tokens) for c, axis, p, _ in batch]
         c, axis, p, k = batch[0]
         results = rate_batch(model, tok, prompts, [strategies[p]["scale"] for _, _, p, _ in batch],
-                             [batch_seed(args.seed, "score", name, c["id"], axis, p, k) for c, axis, p, k in batch],
-                             start=args.explanation_start, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, retries=args.retries,
-                             seed=batch_seed(args.seed, name, c["id"], axis, p, k))
+                             [batch_seed(cfg.seed, "score", name, c["id"], axis, p, k) for c, axis, p, k in batch],
+                             start=cfg.explanation_start, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, retries=cfg.retries,
+                             seed=batch_seed(cfg.seed, name, c["id"], axis, p, k))
         lines = {}
         for (c, axis, p, k), (status, value) in zip(batch, results):
             rating = {"rater": name, "prompt": p, "axis": axis, "scale": strategies[p]["scale"]}
             rating.update({"score": value[0], "score_prob": round(value[1], 4), "explanation": value[2]}
                           if status == "ok" else {"score": None, "error": value})
-            if args.samples > 1:
+            if cfg.samples > 1:
                 rating["sample"] = k
             lines.setdefault(c["id"], dict(c, ratings=[]))["ratings"].append(rating)  # one line per item
             counts[name, p, "ok" if status == "ok" else "failed"] += 1
-        append_lines(args.out, list(lines.values()))
+        append_lines(cfg.out, list(lines.values()))
         progress.update(len(batch), sum(s != "ok" for s, _ in results))
     del model
     if torch.cuda.is_available():
@@ -608,7 +614,7 @@ def rate_with(path, name, jobs, axes, strategies, args, counts):
 def known_axes(path=None):
     """data.AXES plus the axes described in `path` (JSON {axis: description} or 'axis: description' lines)."""
     try:
-        return data.load_axes(path)
+        return data.load_axes(path or None)
     except (OSError, ValueError) as e:
         raise RateError(f"{path}: cannot read axis descriptions ({e})") from None
 
@@ -623,15 +629,15 @@ def chosen_axes(names, path=None):
 
 # ----------------------------------------------------------------------------- summarize
 
-def summarize(args):
-    out = args.out or args.input
-    if not os.path.isfile(args.input):
-        raise RateError(f"{args.input}: no such file")
-    check_rater(args.model)
-    if os.path.abspath(out) != os.path.abspath(args.input) and not os.path.exists(out):
-        shutil.copyfile(args.input, out)  # a different --out starts as a copy, then gains summaries
+def summarize(cfg):
+    out = cfg.out or cfg.input
+    if not os.path.isfile(cfg.input):
+        raise RateError(f"{cfg.input}: no such file")
+    check_rater(cfg.model)
+    if os.path.abspath(out) != os.path.abspath(cfg.input) and not os.path.exists(out):
+        shutil.copyfile(cfg.input, out)  # a different --out starts as a copy, then gains summaries
     read_jsonl(out, repair=True)  # drop a line cut off by a crash, then read it as data.py does
-    axes = known_axes(args.axes_file)
+    axes = known_axes(cfg.axes_file)
     items = {it["id"]: it for it in data.merge_raw(data.load_records(out, kind="raw", axes=axes))}
     records, _ = data.aggregate(list(items.values()), method="mean")  # the consensus each summary must agree with
     jobs = [(r["id"], r["axis"], r["label"]) for r in records if r["axis"] not in items[r["id"]]["summaries"]]
@@ -640,21 +646,21 @@ def summarize(args):
     counts = {"ok": 0, "failed": 0}
     if not jobs:
         return counts
-    model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    tok = data.Tokenizer(args.model)
-    start_ids = tok.spaced(args.explanation_start) if args.explanation_start else []  # prefilled after "Explanation:"
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
+    tok = data.Tokenizer(cfg.model)
+    start_ids = tok.spaced(cfg.explanation_start) if cfg.explanation_start else []  # prefilled after "Explanation:"
     progress = Progress("summarize", len(jobs))
-    for b in range(0, len(jobs), args.batch_size):
-        batch = jobs[b:b + args.batch_size]
+    for b in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[b:b + cfg.batch_size]
         prompts = []
         for i, axis, label in batch:
             ok = [x for x in items[i]["ratings"] if x["axis"] == axis and x.get("score") is not None]
             ids = fit(tok, partial(summary_prompt, items[i], axis, axes[axis], label, ok),
-                      len(items[i]["context"]), args.max_prompt_tokens)
+                      len(items[i]["context"]), cfg.max_prompt_tokens)
             prompts.append(None if ids is None else ids + cue_ids(tok, EXPLANATION_CUE.strip()) + start_ids)
-        results = answer_all(model, tok, prompts, partial(parse_explanation, start=args.explanation_start),
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             retries=args.retries, seed=batch_seed(args.seed, *batch[0][:2]), lead=len(start_ids))
+        results = answer_all(model, tok, prompts, partial(parse_explanation, start=cfg.explanation_start),
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             retries=cfg.retries, seed=batch_seed(cfg.seed, *batch[0][:2]), lead=len(start_ids))
         lines = {}
         for (i, axis, _), (status, value) in zip(batch, results):
             counts["ok" if status == "ok" else "failed"] += 1
@@ -672,49 +678,70 @@ def summarize(args):
 
 # ----------------------------------------------------------------------------- command line
 
+@dataclass
+class Raters:
+    """Who rates what: the inputs of `rate` and `check`."""
+    raters: list                        # rater checkpoints: folders with their tokenizer, or .gguf files
+    input: str                          # conversations (JSONL: id, dataset, context, response)
+    out: str                            # the raw ratings file (JSONL), appended to and resumed
+    axes: str = ",".join(data.AXES)     # comma-separated axes to rate
+    prompts: str = ",".join(STRATEGIES)  # comma-separated prompting strategies
+    prompts_file: str = ""              # JSON file of extra prompting strategies
+
+
+@dataclass
+class Generation:
+    """How each model is loaded and asked: every command's."""
+    axes_file: str = ""                 # JSON {axis: description} for axes beyond the built-in three
+    batch_size: int = BATCH_SIZE        # prompts answered together
+    max_new_tokens: int = MAX_NEW_TOKENS  # explanation tokens generated
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # longer prompts lose their oldest context turns
+    explanation_start: str = EXPLANATION_START  # the explanation's prefilled first words ('' for none)
+    retries: int = RETRIES              # extra attempts for an explanation that does not parse
+    temperature: float = 0.0            # 0: greedy (the most likely score); above 0: scores and
+    #                                     explanations are sampled
+    seed: int = 0                       # seeds the samples and the retries
+    quantize: Literal["nf4", "nf4-dq"] | None = None  # load the model's linear layers in 4 bits
+    device: str = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    dtype: Literal[tuple(sorted(DTYPES))] | None = None  # default: float32 on cpu, else bfloat16
+
+    def __post_init__(self):
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class RateConfig(Generation, Raters):
+    samples: int = 1                    # answers per rater and strategy (needs --temperature above 0)
+
+
+@dataclass
+class CheckConfig(Generation, Raters):
+    out: str                            # the JSON report
+    n: int = 40                         # conversations checked (the first n of --input)
+
+
+@dataclass
+class Summaries:
+    """What `summarize` reads and writes."""
+    model: str                          # instruction checkpoint: a folder with its tokenizer, or a .gguf file
+    input: str                          # raw ratings file (JSONL)
+    out: str = ""                       # where summaries are appended (default: --input)
+
+
+@dataclass
+class SummarizeConfig(Generation, Summaries):
+    max_new_tokens: int = SUMMARY_TOKENS  # summary tokens generated
+
+
+COMMANDS = {"rate": cli.Command(RateConfig, rate, "rate each conversation with each rater"),
+            "summarize": cli.Command(SummarizeConfig, summarize, "merge each item's explanations into one per axis"),
+            "check": cli.Command(CheckConfig, check, "does each rater's score tell a response from a worsened copy? (AUC)")}
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    mode = argv[0] if argv and argv[0] in ("summarize", "check") else "rate"
-    p = argparse.ArgumentParser(prog="rate.py" + ("" if mode == "rate" else " " + mode),
-                                description=__doc__.split("\n\n")[0] if mode != "check" else check.__doc__)
-    if mode != "rate":
-        argv = argv[1:]
-    if mode == "summarize":
-        p.add_argument("--model", required=True, help="instruction checkpoint: a folder with its tokenizer, or a .gguf file")
-        p.add_argument("--input", required=True, help="raw ratings file (JSONL)")
-        p.add_argument("--out", help="where summaries are appended (default: --input)")
-    else:
-        p.add_argument("--raters", nargs="+", required=True, help="rater checkpoints: folders with their tokenizer, or .gguf files")
-        p.add_argument("--input", required=True, help="conversations (JSONL: id, dataset, context, response)")
-        p.add_argument("--out", required=True, help="check: the JSON report; else the raw ratings file (JSONL), "
-                                                    "appended to and resumed")
-        p.add_argument("--axes", default=",".join(data.AXES), help="comma-separated axes to rate")
-        p.add_argument("--prompts", default=",".join(STRATEGIES), help="comma-separated prompting strategies")
-        p.add_argument("--prompts-file", help="JSON file of extra prompting strategies")
-    if mode == "rate":
-        p.add_argument("--samples", type=int, default=1, help="answers per rater and strategy (needs --temperature)")
-    if mode == "check":
-        p.add_argument("--n", type=int, default=40, help="conversations checked (the first n of --input)")
-    p.add_argument("--axes-file", help="JSON {axis: description} for axes beyond the built-in three")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-new-tokens", type=int, default=SUMMARY_TOKENS if mode == "summarize" else MAX_NEW_TOKENS)
-    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS)
-    p.add_argument("--explanation-start", default=EXPLANATION_START,
-                   help="the explanation's prefilled first words ('' for none)")
-    p.add_argument("--retries", type=int, default=RETRIES)
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0: greedy (the most likely score); above 0: scores and explanations are sampled")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantize", choices=["nf4", "nf4-dq"], help="load the model's linear layers in 4 bits")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, else bfloat16")
-    args = p.parse_args(argv)
-    try:
-        return {"rate": rate, "summarize": summarize, "check": check}[mode](args)
-    except (RateError, ModelError, data.DataError, data.TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return cli.main("rate.py", __doc__, COMMANDS, argv, default="rate")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

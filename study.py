@@ -1,7 +1,7 @@
 """The paper's experiment end to end at a chosen size, in one resumable command.
 
     python study.py --dry-run                      # every size's plan, power arithmetic and time estimate
-    python study.py --smoke --out /tmp/s           # tiny models built here, seconds (the tests run it)
+    python study.py --smoke --out /tmp/s           # tiny scripted models (demo.py's), seconds (the tests run it)
     python study.py --quick                        # SmolLM2-135M-Instruct, every stage at toy size, minutes
     python study.py --pilot                        # what set the default's length and test size (PILOT)
     python study.py --default                      # the CPU study, <= 120 min on 2 cores, 3 seeds
@@ -14,7 +14,7 @@ Stages, each skipped when its output is complete (so a killed study continues wh
   2 corpus         demo.write_demo: the controlled corpus (explanations name the cues that set each
                    label), a sample of it -> demo/
   3 models         the rater and the student: SmolLM2's GGUF (model.smollm2_path()), or for --smoke a
-                   tokenizer, a scripted tiny rater and a tiny random student built here -> models/
+                   scripted tiny rater and a tiny random student (demo.build_smoke_*) -> models/
   4 ratings        the labels of each source, and before any training the figure that says whether
                    an axis carries signal (an axis without it is dropped and reported):
                    rater:  rate.py check (AUC, real reply vs a worsened copy), then rate.py on the kept
@@ -22,7 +22,7 @@ Stages, each skipped when its output is complete (so a killed study continues wh
                    damage: damage.make_records (graded damage to real replies, grade known), then
                            damage.check (grade vs the student's log-probability of the reply), one file
                            per training size -> sources.json, damage-<n>.jsonl, chitchat-train.jsonl
-  5 training       per corpus, train.py grid over every variant x seed (+ the label-dilution control
+  5 training       per corpus, train.run for every variant x seed (+ the label-dilution control
                    where a size asks for it) -> <corpus>/runs/<variant>[+rw]-s<seed>
   6 results        eval.py (each run scored, then compare) and analysis.py per corpus -> <corpus>/compare,
                    <corpus>/analysis; the small files, every run's predictions included, copied to
@@ -40,11 +40,10 @@ and strategy), so its labels are checked and dropped; the damage labels are exac
 Left out: the work itself (data.py, rate.py, damage.py, train.py, eval.py and analysis.py do it; this
 file calls them), the other five datasets (their files are not on this machine), and any download.
 
-Length: ~1,110 lines, one concern: the experiment's stages as methods of `Study` (~370 lines) with
-its sizes, plan, power arithmetic, pilot, time estimate, atomic files and log. The work of each stage
-is in the other files.
+Length: ~1,000 lines, one concern: the experiment's stages as methods of `Study` (~370 lines) with
+its sizes, plan, power arithmetic, pilot, time estimate and log. The work of each stage is in the
+other files; the tiny scripted models of --smoke are demo.py's.
 """
-import argparse
 import contextlib
 import hashlib
 import io
@@ -58,6 +57,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -67,11 +67,12 @@ import data
 import demo
 import importers
 import eval as evaluate
-import lora
 import rate
 import train
-from model import Config, ModelError, Transformer, save_model, smollm2_path
-from tokenizer import TokenizerError
+import cli
+from cli import Error, write_atomic
+from model import smollm2_path
+from runs import LAST, Run
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Size:
     micro_batch: int            # examples per forward pass
     max_len: int                # training tokens per example (old turns cut first)
     analysis_n: int | None      # test examples per run that analysis.py reads (None: all)
-    rater: str = "smollm2"      # "smollm2", "smoke" (built here) or a checkpoint path
+    rater: str = "smollm2"      # "smollm2", "smoke" (demo.build_smoke_rater) or a checkpoint path
     student: str = "smollm2"    # the same choices; one pretrained student for both corpora
     epochs: float = 1.0         # with steps = 0
     lr: float = 2e-4            # LoRA peak learning rate
@@ -177,49 +178,31 @@ SPEED = {
 }
 TOKENS = {"chitchat": 55, "demo": 120, "prompt": 40, "explanation": 30,  # typical, SmolLM2's tokenizer
           "rubric": 90, "examples": 160, "rated_explanation": 35, "damage": 35}
-SMOKE_ANSWER = "Score:{}\nExplanation:Fluent reply."  # what the scripted smoke rater says, score sampled
 
 
-class StudyError(RuntimeError):
+class StudyError(Error, RuntimeError):
     """A study that cannot start or continue; the message says why."""
 
 
 # ----------------------------------------------------------------------------- files, atomically
 
-def _replace_file(write, path):
-    """write(tmp) then rename tmp to path: a killed study never leaves half a file under its name."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(obj, path):
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    _replace_file(w, path)
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
-def write_text(text, path):
-    def w(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _replace_file(w, path)
+def write_jsonl(records, path):
+    write_atomic(path, lambda tmp: data.write_jsonl(records, tmp))
 
 
 def copy_file(src, dst):
-    _replace_file(lambda tmp: shutil.copyfile(src, tmp), dst)
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def build_dir(path, build):
-    """build(tmp_dir) into path + '.tmp' (cleared first), then rename it to path."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    result = build(tmp)
-    shutil.rmtree(path, ignore_errors=True)  # left by a kill before the stage's own marker was written
-    os.replace(tmp, path)
-    return result
+    """build(folder) into path + '.tmp', then renamed to path (what a kill left under path is replaced)."""
+    result = []
+    write_atomic(path, lambda tmp: (os.makedirs(tmp), result.append(build(tmp))))
+    return result[0]
 
 
 def _json_ok(path):
@@ -455,76 +438,6 @@ def describe(size, labels=None, rater=None, student=None):
 
 # ----------------------------------------------------------------------------- stage 3: models
 
-def _spm(text_path, prefix, vocab_size, **extra):
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        input=text_path, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
-        byte_fallback=True, split_digits=True, required_chars="0123456789", normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2, **extra)
-    return prefix + ".model"
-
-
-def build_smoke_rater(path, text_path, seed=0, gain=2.0):
-    """A scripted tiny rater: every layer's output projection is zero, so each next token depends on
-    the current one only (a bigram table in the embedding and the LM head). From any token that is
-    not part of the answer it starts SMOKE_ANSWER; after 'Score:' the five digits are equally likely,
-    so sampling gives varied scores (rate.py reads them from the digit distribution). Its tokenizer keeps 'Score:' and 'Explanation:' as single pieces, which makes every
-    other piece of the answer have one successor."""
-    os.makedirs(path, exist_ok=True)
-    example = {"context": ["Hi there!", "Hello, how are you?"], "response": "Fine, thanks."}
-    lines = [rate.rating_prompt(example, a, d, s) for a, d in data.AXES.items() for s in rate.STRATEGIES.values()]
-    lines += [SMOKE_ANSWER.format(k) for k in range(1, 6)] * 4
-    with open(os.path.join(path, "text.txt"), "w") as f:  # the prompts' words and the conversations'
-        f.write("\n".join(lines) + "\n" + open(text_path).read())
-    tok_file = _spm(os.path.join(path, "text.txt"), os.path.join(path, "sp"), 1000,
-                    user_defined_symbols=["Score:", "Explanation:"])
-    tok = data.Tokenizer(tok_file)
-    answers = [tok.continuation(SMOKE_ANSWER.format(k)) for k in range(1, 6)]  # no leading '▁'
-    successors = {}
-    for ids in answers:
-        for a, b in zip(ids, ids[1:] + [tok.eos_id]):
-            successors.setdefault(a, set()).add(b)
-    branching = [a for a, b in successors.items() if len(b) > 1]
-    if len(branching) != 1 or len(successors[branching[0]]) != 5:
-        raise StudyError(f"smoke rater: the answer's pieces {[tok.piece(i) for i in answers[0]]} do not form a chain")
-    cfg = Config(name="smoke-rater", arch="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64,
-                 n_layers=1, n_heads=4, n_kv_heads=4, max_position_embeddings=2048, torch_dtype="float32",
-                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    chain = sorted(successors)
-    if len(chain) + 1 > cfg.hidden_size:
-        raise StudyError(f"smoke rater: {len(chain)} answer pieces do not fit in {cfg.hidden_size} dimensions")
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.zero_()  # zero projections: each block adds nothing
-        emb, head = model.model.embed_tokens.weight, model.lm_head.weight  # (V, D) each
-        emb[:, 0] = 1.0                       # dimension 0: "not in the answer"
-        head[answers[0][0], 0] = gain         # ... is followed by the answer's first piece
-        for k, a in enumerate(chain, 1):      # dimension k: piece a of the answer
-            emb[a] = 0.0
-            emb[a, k] = 1.0
-            for b in successors[a]:
-                head[b, k] = gain             # RMSNorm scales a one-hot to sqrt(64): logit 16, others 0
-    save_model(model, path)
-    shutil.copyfile(tok_file, os.path.join(path, "tokenizer.model"))
-    return path
-
-
-def build_smoke_student(path, text_path, seed=0):
-    """A tiny random Mistral-shaped student and a SentencePiece tokenizer trained on both corpora."""
-    os.makedirs(path, exist_ok=True)
-    tok_file = data.train_tokenizer(text_path, os.path.join(path, "sp"), vocab_size=1000)
-    tok = data.Tokenizer(tok_file)
-    torch.manual_seed(seed)
-    cfg = replace(Config.from_name("tiny"), name="smoke-student", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    save_model(Transformer(cfg), path)
-    shutil.copyfile(tok_file, os.path.join(path, "tokenizer.model"))
-    return path
-
-
 def _texts(records):
     for r in records:
         yield from ([r["context"]] if isinstance(r["context"], str) else r["context"])
@@ -627,7 +540,7 @@ class Study:
         records, problems = importers.import_conversations("chitchat", [], n=self.size.conversations, seed=self.size.seed)
         if not records:
             raise StudyError("no chit-chat conversations (pip install chitchat-dataset)")
-        _replace_file(lambda tmp: data.write_jsonl(records, tmp), path)
+        write_jsonl(records, path)
         print(f"  {len(records)} conversations -> {path} ({len(problems)} entries of the package skipped: "
                    "conversations of a single turn cannot be cut into context and response)")
         self.finish("conversations", f"{len(records)} conversations")
@@ -665,8 +578,8 @@ class Study:
                     kind = "labelled" if self.labels else "conversation"
                     f.write("\n".join(_texts(data.load_records(source, kind=kind))) + "\n")
                     f.write(open(os.path.join(self.p["demo"], "corpus.txt")).read())
-                build_smoke_rater(os.path.join(tmp, "smoke-rater"), text, self.size.seed)
-                build_smoke_student(os.path.join(tmp, "smoke-student"), text, self.size.seed)
+                demo.build_smoke_rater(os.path.join(tmp, "smoke-rater"), text, self.size.seed)
+                demo.build_smoke_student(os.path.join(tmp, "smoke-student"), text, self.size.seed)
             build_dir(self.p["models"], build)
             for role in ("rater", "student"):
                 if getattr(self.size, role) == "smoke":
@@ -705,30 +618,28 @@ class Study:
             axes = sorted({r["axis"] for r in data.load_records(final)})
             return {"kept": axes, "dropped": [], "labels": self.labels}
         s, rater = self.size, self.model_paths["rater"]
-        gen = ["--batch-size", str(s.rate_batch), "--max-prompt-tokens", str(s.rate_prompt_tokens), "--seed", str(s.seed)]
-        gen += ["--dtype", s.dtype] if s.dtype != "auto" else []
+        gen = dict(batch_size=s.rate_batch, max_prompt_tokens=s.rate_prompt_tokens, seed=s.seed,
+                   dtype=None if s.dtype == "auto" else s.dtype)
         if not _json_ok(self.p["check"]):  # does the rater's score see the response at all? (written first)
             print(f"  rater check: {min(s.check_n, self.n_conversations())} conversations, each response against "
                   "a copy made worse on the axis")
-            _cli(rate.main, ["check", "--raters", rater, "--input", self.p["conversations"], "--out", self.p["check"],
-                             "--axes", ",".join(data.AXES), "--prompts", ",".join(rate.STRATEGIES),
-                             "--n", str(s.check_n), *gen], "rate.py check")
+            rate.check(rate.CheckConfig(raters=[rater], input=self.p["conversations"], out=self.p["check"],
+                                        axes=",".join(data.AXES), prompts=",".join(rate.STRATEGIES), n=s.check_n, **gen))
             self.log("ratings", "unit", "checked")
         check, blind = format_check(self.p["check"])
         print("  " + check.replace("\n", "\n  "))
         kept = [a for a in data.AXES if a not in blind or not s.drop_blind]
         result = {"kept": kept, "dropped": [a for a in data.AXES if a not in kept]}
         if not kept:
-            write_text(check + "\n\nno axis kept: nothing rated\n", self.p["report"])
+            write_atomic(self.p["report"], check + "\n\nno axis kept: nothing rated\n")
             return result
         if not os.path.exists(final):
-            _cli(rate.main, ["--raters", rater, "--input", self.p["conversations"], "--out", self.p["raw"],
-                             "--axes", ",".join(kept), "--prompts", ",".join(rate.STRATEGIES),
-                             "--samples", str(s.samples), "--temperature", str(s.temperature),
-                             "--max-new-tokens", str(s.rate_new_tokens), *gen], "rate.py")
+            rate.rate(rate.RateConfig(raters=[rater], input=self.p["conversations"], out=self.p["raw"],
+                                      axes=",".join(kept), prompts=",".join(rate.STRATEGIES), samples=s.samples,
+                                      temperature=s.temperature, max_new_tokens=s.rate_new_tokens, **gen))
             self.log("ratings", "unit", "rated")
-            _cli(rate.main, ["summarize", "--model", rater, "--input", self.p["raw"],
-                             "--max-new-tokens", str(s.summary_new_tokens), *gen], "rate.py summarize")
+            rate.summarize(rate.SummarizeConfig(model=rater, input=self.p["raw"], max_new_tokens=s.summary_new_tokens,
+                                                **gen))
             self.log("ratings", "unit", "summarised")
             records, rep = data.aggregate(data.load_records(self.p["raw"], kind="raw"), method="mean")
             if not records:
@@ -741,9 +652,9 @@ class Study:
                          "chance: the labels of this axis carry no measured signal" for a in blind]
             text = (data.format_report(rep) + "\n\n" + format_distribution(dist) + "\n\n" + check
                     + "".join(f"\n{w}" for w in warnings))
-            write_text(text + "\n", self.p["report"])
+            write_atomic(self.p["report"], text + "\n")
             write_json({"distribution": dist, "warnings": warnings}, self.p["labels"])
-            _replace_file(lambda tmp: data.write_jsonl(records, tmp), final)  # last: it marks the labels done
+            write_jsonl(records, final)  # last: it marks the labels done
             print("  " + text.replace("\n", "\n  "))
         return result
 
@@ -753,7 +664,7 @@ class Study:
         s = self.size
         if not os.path.exists(self.p["damage"]):
             records = damage.make_records(study_conversations(s), seed=s.seed, n=s.damage_conversations)
-            _replace_file(lambda tmp: data.write_jsonl(records, tmp), self.p["damage"])
+            write_jsonl(records, self.p["damage"])
         records = data.load_records(self.p["damage"])
         if not _json_ok(self.p["signal"]):
             print(f"  damage check: {s.signal_n} records per axis, the grade against the student's log-probability "
@@ -770,7 +681,7 @@ class Study:
             path = self.corpus_paths()[f"damage-{n}"]
             if not os.path.exists(path):
                 part = damage.subset([r for r in records if r["axis"] in kept], n, s.seed, s.val_conversations)
-                _replace_file(lambda tmp: data.write_jsonl(part, tmp), path)
+                write_jsonl(part, path)
         return {"kept": kept, "dropped": [a for a in s.damage_axes if a not in kept], "signal": signal,
                 "left_out_by_pilot": [a for a in damage.DAMAGE if a not in s.damage_axes]}
 
@@ -803,18 +714,14 @@ class Study:
 
     def training(self):
         todo = [(c, *r) for c in self.corpora() for r in run_names(self.size)
-                if not os.path.exists(os.path.join(self.run_dir(c, r[0]), "done.json"))]
+                if not Run(self.run_dir(c, r[0])).finished]
         n_all = len(self.corpora()) * len(run_names(self.size))
         if not self.stage("training", f"{n_all - len(todo)} of {n_all} runs finished", not todo):
             return
         for corpus, name, variant, seed, rw in self.units("training", todo, lambda u: f"{u[0]}/{u[1]}"):
-            cfg = self.train_config(corpus)
-            if rw:  # train.py grid names runs <variant>-s<seed>; the control gets a folder of its own
-                out = self.run_dir(corpus, name)
-                train.run(replace(cfg, variant=variant, seed=seed, out=out, rating_weight=True,
-                                  resume=train.newest_checkpoint(out) is not None))
-            else:
-                train.grid(cfg, [variant], [seed])
+            run = Run(self.run_dir(corpus, name))  # resumed when a crash left it unfinished
+            train.run(replace(self.train_config(corpus), variant=variant, seed=seed, out=run.path, rating_weight=rw,
+                              resume=run.latest() is not None))
         self.finish("training", f"{len(todo)} runs")
 
     def report(self):
@@ -822,10 +729,10 @@ class Study:
             self.publish()
             return
         runs = {c: [self.run_dir(c, name) for name, *_ in run_names(self.size)] for c in self.corpora()}
-        todo = [r for rs in runs.values() for r in rs if not _json_ok(os.path.join(r, "eval-test", "metrics.json"))]
+        todo = [r for rs in runs.values() for r in rs if Run(r).scores("test") is None]
         for r in self.units("results", todo, lambda r: f"scoring {os.path.relpath(r, self.out)}",
                             share=0.4, rest=0.6):
-            shutil.rmtree(os.path.join(r, "eval-test"), ignore_errors=True)  # a scoring cut off by a kill
+            Run(r).clear_scores("test")  # a scoring cut off by a kill
             evaluate.score_run(r, split="test", batch_size=32)
         s = self.size
         # eval.py and analysis.py give the rating-weighted runs columns of their own ("explanation+rw")
@@ -836,10 +743,10 @@ class Study:
             if what.startswith("compare"):
                 buf = io.StringIO()
                 with contextlib.redirect_stdout(buf):
-                    build_dir(path, lambda tmp: evaluate.compare(rs, out=tmp))
+                    build_dir(path, lambda tmp: evaluate.compare(evaluate.CompareConfig(runs=rs, out=tmp)))
             else:
-                build_dir(path, lambda tmp: analysis.analyse(rs, tmp, split="test", n=s.analysis_n,
-                                                             device=s.device))
+                build_dir(path, lambda tmp: analysis.analyse(analysis.AnalysisConfig(
+                    runs=rs, out=tmp, split="test", n=s.analysis_n, device=s.device)))
         write_json(self.summary(), self.p["study"])
         self.finish("results")
         self.publish()
@@ -867,13 +774,11 @@ class Study:
         rows = []
         for c in self.corpora():
             for name, *_ in run_names(self.size):
-                done = os.path.join(self.run_dir(c, name), "done.json")
+                done = Run(self.run_dir(c, name)).done
                 wall = train_s.get(f"{c}/{name}")
                 score = score_s.get(f"scoring {os.path.join(c, 'runs', name)}")
-                if wall is not None and _json_ok(done):
-                    with open(done) as f:
-                        loop = json.load(f)["seconds"]
-                    rows.append((wall, loop, score))
+                if wall is not None and done is not None:
+                    rows.append((wall, done["seconds"], score))
         if not rows:
             return None
         mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else None  # noqa: E731
@@ -897,7 +802,7 @@ class Study:
                         copy_file(src, os.path.join(dst, name))
             for name, *_ in run_names(self.size):
                 run, kept = self.run_dir(c, name), os.path.join(dst, "runs", name)
-                for part in ("train_config.json", "done.json", "eval-test/predictions.jsonl", "eval-test/metrics.json"):
+                for part in Run(run).scored_files("test"):
                     if os.path.exists(os.path.join(run, part)):
                         os.makedirs(os.path.dirname(os.path.join(kept, part)), exist_ok=True)
                         copy_file(os.path.join(run, part), os.path.join(kept, part))
@@ -943,7 +848,7 @@ def pilot(out, results, size=None):
     if not os.path.exists(path):
         convs, _ = importers.import_conversations("chitchat", [])
         recs = damage.make_records(convs, seed=size.seed, n=PILOT_CONVERSATIONS, skip=PILOT_SKIP)
-        _replace_file(lambda tmp: data.write_jsonl(recs, tmp), path)
+        write_jsonl(recs, path)
     records = data.load_records(path)
     model = smollm2_path() if size.student == "smollm2" else size.student
     runs, curves = {}, {}
@@ -953,20 +858,19 @@ def pilot(out, results, size=None):
         file = os.path.join(out, f"pilot-{n}.jsonl")
         if not os.path.exists(file):
             part = damage.subset(records, n, size.seed, n_val=2 * size.val_conversations)
-            _replace_file(lambda tmp: data.write_jsonl(part, tmp), file)
-        run = os.path.join(out, "runs", name)
-        if not os.path.exists(os.path.join(run, "done.json")):
+            write_jsonl(part, file)
+        run = Run(os.path.join(out, "runs", name))
+        if not run.finished:
             train.run(train.TrainConfig(
-                model=model, data=file, out=run, variant=variant, seed=PILOT_SEED, rank=size.rank, alpha=2.0 * size.rank,
+                model=model, data=file, out=run.path, variant=variant, seed=PILOT_SEED, rank=size.rank, alpha=2.0 * size.rank,
                 lr=size.lr, batch_size=size.batch_size, micro_batch=size.micro_batch, steps=size.steps,
                 max_len=size.max_len, checkpointing=size.checkpointing, dtype=size.dtype, lora_dropout=size.lora_dropout,
                 val_every=max(1, size.steps // 5), save_every=size.steps, log_every=max(1, size.steps // 5),
                 overwrite=True))
-        if not _json_ok(os.path.join(run, "eval-test", "metrics.json")):
-            evaluate.score_run(run, split="test", checkpoint="last", batch_size=32)
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            curves[name] = [(r["step"], r["val_acc"]) for r in map(json.loads, f) if "val_acc" in r]
-        runs[name] = evaluate.read_predictions(os.path.join(run, "eval-test", "predictions.jsonl"))
+        if run.scores("test") is None:
+            evaluate.score_run(run.path, split="test", checkpoint=LAST, batch_size=32)
+        curves[name] = [(r["step"], r["val_acc"]) for r in run.metrics() if "val_acc" in r]
+        runs[name] = evaluate.read_predictions(run.predictions("test"))
     big = max(size.train_sizes)
     lab, exp = (sorted(runs[f"{v}-{big}"], key=lambda r: (r["id"], r["axis"])) for v in ("label", "explanation"))
 
@@ -994,20 +898,11 @@ def pilot(out, results, size=None):
     os.makedirs(results, exist_ok=True)
     copy_file(path, os.path.join(results, "pilot-all.jsonl"))  # its labelled records and predictions
     for name in runs:
-        copy_file(os.path.join(out, "runs", name, "eval-test", "predictions.jsonl"),
+        copy_file(Run(os.path.join(out, "runs", name)).predictions("test"),
                   os.path.join(results, f"predictions-{name}.jsonl"))
     write_json(result, os.path.join(results, "pilot.json"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1))
     return result
-
-
-def _cli(main, argv, what):
-    """Call a module's main(argv); its sys.exit(2) on bad input becomes a StudyError."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise StudyError(f"{what} failed (exit status {e.code}): see its error above") from None
 
 
 def label_distribution(records):
@@ -1067,49 +962,42 @@ def _git_head():
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--size", choices=SIZES, help="which preset (see SIZES in study.py)")
-    for name in SIZES:
-        which.add_argument(f"--{name}", dest="size", action="store_const", const=name, help=f"--size {name}")
-    p.add_argument("--out", help="study folder, resumed when rerun (default: runs/study-<size>)")
-    p.add_argument("--results", help="where the small result files go (default: results/<size>)")
-    p.add_argument("--labels", help="labelled chit-chat records (a study's chitchat-train.jsonl): skip stages 1 and 4")
-    p.add_argument("--rater", help="rater checkpoint instead of the size's (a folder or a .gguf)")
-    p.add_argument("--student", help="student checkpoint instead of the size's (a folder or a .gguf)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate, run nothing")
-    p.add_argument("--pilot", action="store_true", help="the pilot that set the default study's length and test "
-                   "size (PILOT in study.py), on conversations the study never uses -> results/pilot/pilot.json")
-    a = p.parse_args(argv)
+@dataclass
+class StudyConfig:
+    size: Literal[tuple(SIZES)] | None = None  # which preset (SIZES in study.py); --smoke, --quick, --default and
+    # --paper are short for --size NAME
+    out: str = ""                     # study folder, resumed when rerun (default: runs/study-<size>)
+    results: str = ""                 # where the small result files go (default: results/<size>)
+    labels: str = ""                  # labelled chit-chat records (a study's chitchat-train.jsonl): skip stages 1 and 4
+    rater: str = ""                   # rater checkpoint instead of the size's (a folder or a .gguf)
+    student: str = ""                 # student checkpoint instead of the size's (a folder or a .gguf)
+    dry_run: bool = False             # print the plan and its time estimate, run nothing
+    pilot: bool = False               # the pilot that set the default study's length and test size (PILOT in
+    # study.py), on conversations the study never uses -> results/pilot/pilot.json
+
+
+def study(cfg):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, through a pipe too
-    if a.dry_run:
-        for name in ([a.size] if a.size else SIZES):
-            print(describe(SIZES[name], a.labels, a.rater, a.student)[0] + "\n")
-        return 0
-    if a.pilot:
-        try:
-            pilot(a.out or os.path.join("runs", "pilot"), a.results or os.path.join("results", "pilot"))
-        except (StudyError, train.TrainError, ModelError, data.DataError, evaluate.EvalError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if not a.size:
-        p.error("choose a size: --smoke, --quick, --default or --paper (--dry-run shows each plan)")
-    if a.labels and not os.path.isfile(a.labels):
-        p.error(f"--labels {a.labels}: no such file")
-    study = Study(SIZES[a.size], a.out or os.path.join("runs", f"study-{a.size}"), a.results or
-                  os.path.join("results", a.size), labels=a.labels and os.path.abspath(a.labels),
-                  rater=a.rater, student=a.student)
-    try:
-        study.run()
-    except (StudyError, train.TrainError, ModelError, data.DataError, TokenizerError, lora.AdapterError,
-            evaluate.EvalError, analysis.AnalysisError, rate.RateError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    if cfg.dry_run:
+        for name in ([cfg.size] if cfg.size else SIZES):
+            print(describe(SIZES[name], cfg.labels or None, cfg.rater or None, cfg.student or None)[0] + "\n")
+        return
+    if cfg.pilot:
+        return pilot(cfg.out or os.path.join("runs", "pilot"), cfg.results or os.path.join("results", "pilot"))
+    if not cfg.size:
+        raise StudyError("choose a size: --smoke, --quick, --default or --paper (--dry-run shows each plan)")
+    if cfg.labels and not os.path.isfile(cfg.labels):
+        raise StudyError(f"--labels {cfg.labels}: no such file")
+    Study(SIZES[cfg.size], cfg.out or os.path.join("runs", f"study-{cfg.size}"),
+          cfg.results or os.path.join("results", cfg.size), labels=cfg.labels and os.path.abspath(cfg.labels),
+          rater=cfg.rater or None, student=cfg.student or None).run()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [f"--size={a[2:]}" if a.startswith("--") and a[2:] in SIZES else a for a in argv]  # --smoke: --size smoke
+    return cli.main("study.py", __doc__, {"study": cli.Command(StudyConfig, study)}, argv, default="study")
 
 
 if __name__ == "__main__":

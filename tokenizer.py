@@ -35,12 +35,13 @@ import unicodedata
 
 import sentencepiece as spm
 
+import cli
 import gguf_file
 
 CHAT_TEMPLATES = ("inst", "chatml")  # the formats chat() writes; tok.template is one of these or None
 
 
-class TokenizerError(ValueError):
+class TokenizerError(cli.Error, ValueError):
     """A tokenizer file that cannot be used; the message is one line naming the file."""
 
 

@@ -12,49 +12,52 @@ the whole global batch (every micro-batch, every rank), so neither the micro-bat
 number of processes changes the result. `--full` trains every weight with loss on every token of a
 plain-text corpus: the demo pretrains its tiny base model that way.
 
-A run folder holds `train_config.json` (everything resolved), `metrics.jsonl`, `last/` and `best/`
-(PEFT-format adapter; `last/` also the training state for `--resume`) and `done.json` when finished.
-Checkpoints are written to a temporary folder and renamed, so a crash never leaves half of one.
-Left out: model code (model.py, lora.py), data handling (data.py), metrics (eval.py).
+A run folder (runs.py: `train_config.json`, `metrics.jsonl`, `last/` and `best/` PEFT-format
+adapters, `done.json` when finished) is claimed, written and resumed through `runs.Run`: one writer
+at a time, checkpoints renamed into place, so a crash never leaves half of one.
+Left out: model code (model.py, lora.py), data handling (data.py), metrics (eval.py), the folder's
+files (runs.py).
 
-Length: ~780 lines, one concern: a training run as a user launches it. Its config and --help,
-the run folder's safety (lock, resume checks, atomic checkpoints, metrics cut back to the resumed
-step), the stages of `run`, the grid of variants x seeds and the command line.
+Length: ~620 lines, one concern: a training run as a user launches it. Its config and checks, the
+stages of `run` in the order they happen, the grid of variants x seeds and the command line.
 """
-import argparse
 import contextlib
-import inspect
-import json
 import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
 import data
 import lora
+import runs
+from data import ORDERS, TEMPLATES, VARIANTS
 from eval import rating_logits
-from model import DTYPES, ModelError, Transformer, load_config, load_model, save_model
+from model import DTYPES, Transformer, load_config, load_model, save_model
+from runs import Run
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a run, each with its default. The comment beside a field is its --help text
-    (_parser reads this class's source), so a default and its explanation live in one place."""
+    (cli.py reads this class's source), so a default and its explanation live in one place."""
     model: str = ""                   # base checkpoint: an HF folder with its tokenizer, or a .gguf file
     data: str = ""                    # training records (.jsonl or .csv); with --full, a plain-text corpus
     out: str = "runs/run"             # run folder
-    variant: str = "explanation"      # label | explanation | shuffled | bow | random | filler
+    variant: Literal[VARIANTS] = "explanation"  # what follows the rating in each target (design.md)
     rating_weight: bool = False       # weight the rating token's loss to its share in 'label' (dilution control)
-    order: str = "rating_first"       # rating_first | explain_first
-    template: str = "auto"            # auto (the checkpoint's chat format, else base) | base | inst | chatml
+    order: Literal[ORDERS] = "rating_first"    # rating first (read in one pass) or explanation first
+    template: Literal[TEMPLATES] = "auto"      # auto: the checkpoint's chat format, else base
     axes: str = ""                    # comma-separated axes to train on; empty: all in the data
     axes_file: str = ""               # descriptions of axes beyond the built-in three (JSON or 'axis: text' lines)
     datasets: str = ""                # comma-separated datasets to train on; empty: all in the data
@@ -79,8 +82,8 @@ class TrainConfig:
     save_every: int = 100             # checkpoint every N steps (and at the end)
     log_every: int = 10               # progress line and metrics row every N steps
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    quantize: str = ""                # "nf4": frozen 4-bit base (QLoRA-style); "nf4-dq": its scales in 8 bits too
+    dtype: Literal[("auto", *DTYPES)] = "auto"      # auto: bf16 on CUDA, fp32 on CPU
+    quantize: Literal["", "nf4", "nf4-dq"] = ""      # nf4: frozen 4-bit base (QLoRA-style); nf4-dq: its scales in 8 bits too
     checkpointing: bool = True        # activation checkpointing, one block at a time
     compile: bool = False             # torch.compile the model
     skip_bad: bool = False            # skip (and count) malformed records instead of stopping
@@ -89,25 +92,8 @@ class TrainConfig:
     dry_run: bool = False             # print the plan and exit
 
 
-class TrainError(RuntimeError):
+class TrainError(cli.Error, RuntimeError):
     """A run that cannot start or continue; the message says why and what was kept."""
-
-
-def _parser(prog=None, description=__doc__):
-    comments = {}  # the comment beside each field of TrainConfig is its --help text
-    for line in inspect.getsource(TrainConfig).splitlines()[1:]:
-        name, _, comment = line.strip().partition("#")
-        comments[name.split(":")[0].strip()] = comment.strip()
-    p = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=kind, default=f.default, help=comments[f.name])
-    return p
 
 
 # ----------------------------------------------------------------------------- pieces of a run
@@ -179,111 +165,12 @@ def validate(model, examples, tok, cfg, device, autocast):
     return {"val_loss": total / max(1, n_tok), "val_acc": correct / max(1, len(examples))}
 
 
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out, name, model, state, cfg):
-    """Write out/<name>/ through a temporary folder: adapter (or, with --full, the whole model) and
-    training state. The old folder is moved aside before the new one takes its name, then removed."""
-    final, tmp, old = (os.path.join(out, name + s) for s in ("", ".tmp", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        if cfg.full:
-            save_model(model, tmp)
-            shutil.copy(os.path.join(cfg.model, "tokenizer.model"), tmp)
-        else:
-            lora.save_adapter(model, tmp, base_model_name=os.path.abspath(cfg.model))
-        if state is not None:
-            torch.save(state, os.path.join(tmp, "state.pt"))
-    except OSError as e:  # disk full, read-only: the checkpoint already under `name` is untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"{final} from before is intact" if os.path.exists(final) else f"nothing was saved under {final}"
-        raise TrainError(f"{tmp}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def newest_checkpoint(out):
-    """out/last, or out/last.old when a crash fell between the two renames."""
-    for name in ("last", "last.old"):
-        if os.path.exists(os.path.join(out, name, "state.pt")):
-            return os.path.join(out, name)
-    return None
-
-
 # ----------------------------------------------------------------------------- the run folder
 
-RUN_FILES = ("done.json", "metrics.jsonl", "train_config.json", "last", "last.old", "last.tmp",
-             "best", "best.old", "best.tmp")
 # settings a --resume may change: they leave the trained result as it was (micro-batches up to float
 # rounding); every other setting must equal the saved run's
-RESUMABLE = ("resume", "overwrite", "dry_run", "device", "compile", "checkpointing", "micro_batch",
-             "val_every", "save_every", "log_every")
-
-
-class RunLock:
-    """out/lock holds the pid of the process writing the run, so that two trainings never write one
-    folder. The lock of a process that is gone (killed, crashed machine) is taken over, with a message."""
-
-    def __init__(self, out):
-        self.path, self.held = os.path.join(out, "lock"), False
-
-    def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        while not self.held:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _lock_pid(self.path)
-                if pid is not None and _alive(pid):
-                    raise TrainError(f"{os.path.dirname(self.path)} is being written by process {pid} "
-                                     f"(lock file {self.path}); wait for it to finish or stop it") from None
-                print(f"taking over {self.path}: process {pid} that held it is gone")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-
-    def release(self):
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            self.held = False
-
-
-def _lock_pid(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid):
-    """Whether process pid runs (not this one: a run is synchronous, so its own old lock is stale)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+RESUMABLE = ("device", "compile", "checkpointing", "micro_batch", "val_every", "save_every", "log_every")
+HOW = ("resume", "overwrite", "dry_run")  # how the command treats the folder, not what the run is
 
 
 def saved_settings(cfg):
@@ -292,79 +179,39 @@ def saved_settings(cfg):
     return asdict(replace(cfg, model=os.path.abspath(cfg.model), data=os.path.abspath(cfg.data)))
 
 
-def check_resume(cfg):
-    """Refuse a --resume whose settings differ from the saved run's (those in RESUMABLE may change)."""
-    path = os.path.join(cfg.out, "train_config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    defaults = asdict(TrainConfig())  # settings added since an old run was saved take their defaults
-    new = saved_settings(cfg)
-    diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {new[k]!r}" for k in new
-            if k not in RESUMABLE and saved.get(k, defaults[k]) != new[k]]
-    if diff:
-        raise TrainError(f"{cfg.out}: --resume with settings that differ from the saved run ({'; '.join(diff)}); "
-                         f"resume with the saved ones, or --overwrite to start again (free to change on resume: "
-                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[3:])})")
-
-
-def prepare_out(cfg):
-    """What --out holds decides what happens (rank 0 only): a finished or unfinished run is refused
-    unless --resume (same settings) or --overwrite. Overwritten files are moved into out/replaced/
-    and deleted only when the new run has saved its first checkpoint; an overwrite interrupted before
-    that is undone here first, so nothing is lost."""
-    replaced = os.path.join(cfg.out, "replaced")
-    restore_replaced(cfg.out)
-    done, last = os.path.join(cfg.out, "done.json"), newest_checkpoint(cfg.out)
-    if cfg.overwrite:
-        shutil.rmtree(replaced, ignore_errors=True)
-        names = [n for n in os.listdir(cfg.out) if n in RUN_FILES or n.startswith("eval-")]
-        if names:
-            os.makedirs(replaced)
-            for name in names:  # predictions of the old model (eval-*/) go with it
-                os.replace(os.path.join(cfg.out, name), os.path.join(replaced, name))
-    elif os.path.exists(done) and not cfg.resume:
-        raise TrainError(f"{cfg.out} holds a finished run; pass --overwrite to replace it")
-    elif last and not cfg.resume:
-        raise TrainError(f"{cfg.out} holds an unfinished run ({last}); pass --resume to continue it "
-                         "or --overwrite to start again")
-    elif last:
-        check_resume(cfg)
-
-
-def restore_replaced(out):
-    """Undo an --overwrite that stopped before the new run saved a checkpoint: the old run comes back."""
-    replaced = os.path.join(out, "replaced")
-    if os.path.isdir(replaced) and newest_checkpoint(out) is None:
-        for name in os.listdir(replaced):
-            if os.path.exists(os.path.join(out, name)):  # what the failed run left (its metrics, config)
-                shutil.rmtree(os.path.join(out, name)) if os.path.isdir(os.path.join(out, name)) else \
-                    os.remove(os.path.join(out, name))
-            os.replace(os.path.join(replaced, name), os.path.join(out, name))
-        os.rmdir(replaced)
-        print(f"restored the run in {out} that an unfinished --overwrite had moved aside", file=sys.stderr)
-
-
 def claim_out(cfg, rank, world):
-    """Take the folder's lock and prepare it on rank 0; every rank gets rank 0's verdict, so a refusal
-    stops all of them and no rank ever reads a folder that rank 0 is changing."""
-    lock, problem = RunLock(cfg.out), None
+    """The run folder, claimed by rank 0 (runs.Run.claim: the lock, then resume / overwrite checks);
+    every rank gets rank 0's verdict, so a refusal stops all of them and no rank ever reads a folder
+    that rank 0 is changing."""
+    run, problem = Run(cfg.out), None
     if rank == 0:
         try:
-            lock.acquire()
-            prepare_out(cfg)
-        except (TrainError, OSError) as e:
-            lock.release()
-            problem = str(e) if isinstance(e, TrainError) else f"{cfg.out}: cannot prepare the run folder ({e})"
+            settings = {k: v for k, v in saved_settings(cfg).items() if k not in HOW}
+            run.claim(settings, asdict(TrainConfig()), RESUMABLE, cfg.resume, cfg.overwrite)
+        except cli.Error as e:
+            problem = str(e)
     if world > 1:
         verdict = [problem]
         dist.broadcast_object_list(verdict, src=0)
         problem = verdict[0]
     if problem:
         raise TrainError(problem)
-    return lock
+    return run
 
+
+def weights(cfg, model):
+    """What a checkpoint holds: the adapter in PEFT's format, or with --full the whole model and its
+    tokenizer. Returns the function that writes it into a folder."""
+    def write(folder):
+        if cfg.full:
+            save_model(model, folder)
+            shutil.copy(os.path.join(cfg.model, "tokenizer.model"), folder)
+        else:
+            lora.save_adapter(model, folder, base_model_name=os.path.abspath(cfg.model))
+    return write
+
+
+# ----------------------------------------------------------------------------- building a run
 
 def load_data(cfg, tok):
     """Examples for the train and val splits (the test split is eval.py's)."""
@@ -475,56 +322,82 @@ def print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dt
     log(f"memory     ~{estimate_memory(model.config, n_trainable, cfg, dtype) / 2**30:.2f} GiB estimated peak")
 
 
-def resume(cfg, model, opt, device, rank, world):
-    """(step, best) from the newest checkpoint in --out, with the optimizer and every rank's RNG state
-    restored; (0, None) when there is none."""
-    ckpt = newest_checkpoint(cfg.out) if cfg.resume else None
-    if not ckpt:
-        return 0, None
-    state = None
-    for ckpt in (c for c in (os.path.join(cfg.out, n) for n in ("last", "last.old"))
-                 if os.path.exists(os.path.join(c, "state.pt"))):
-        try:  # a state.pt cut short by a full disk or a dying machine: fall back to last.old
-            state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
-            break
-        except Exception as e:  # torch raises RuntimeError, EOFError or pickle's errors for a bad file
-            print(f"warning: {ckpt}/state.pt is unreadable ({str(e).splitlines()[0][:120]})", file=sys.stderr)
+def plan(cfg, device, dtype, world, log):
+    """Check the options, build the model, adapter and examples, print the plan. Returns (tokenizer,
+    train examples, val examples, model, steps per epoch, total steps)."""
+    check_options(cfg, world)
+    torch.manual_seed(cfg.seed)
+    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
+    if not train_ex:
+        raise TrainError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world)
+    return tok, train_ex, val_ex, model, steps_per_epoch, total
+
+
+@dataclass
+class Loop:
+    """What every step of a run uses and nothing changes: the module that trains (compiled and/or in
+    DDP), its trainable parameters, AdamW, the autocast context (bf16 when the run is bf16, else none)."""
+    cfg: TrainConfig
+    run: Run
+    model: torch.nn.Module          # the Transformer itself: what is saved and validated
+    train_model: torch.nn.Module    # what the forward passes go through
+    params: list
+    opt: torch.optim.Optimizer
+    autocast: object
+    device: torch.device
+    rank: int
+    world: int
+    loss_hook: object = None        # loss_hook(step, loss) may replace the loss (the tests inject a NaN)
+
+    @property
+    def log(self):
+        return print if self.rank == 0 else (lambda *a, **k: None)
+
+
+def setup(cfg, run, model, device, dtype, rank, world, loss_hook=None):
+    if world > 1:  # a distinct dropout stream per rank (the LoRA initialisation was the same on all)
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
+    train_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
+                else contextlib.nullcontext())
+    return Loop(cfg, run, model, train_model, params, opt, autocast, device, rank, world, loss_hook)
+
+
+def resume(loop):
+    """(step, best) from the newest checkpoint in the run folder, with the optimizer and every rank's
+    RNG state restored; (0, None) when there is none or --resume was not given."""
+    cfg, model, device = loop.cfg, loop.model, loop.device
+    state, ckpt = loop.run.load_state() if cfg.resume else (None, None)
     if state is None:
-        raise TrainError(f"{cfg.out}: no readable checkpoint to resume from (last/state.pt is corrupt and there is "
-                         "no good last.old); --overwrite to start again")
+        return 0, None
     if cfg.full:
         model.load_state_dict(load_model(ckpt, device=device, dtype=torch.float32).state_dict())
     else:
         lora.load_adapter(model, ckpt)
-    opt.load_state_dict(state["optimizer"])
+    loop.opt.load_state_dict(state["optimizer"])
     ranks = state.get("rng_ranks") or [(state["rng"], state.get("cuda_rng"))]
-    if len(ranks) != world:
-        raise TrainError(f"{ckpt}: saved by {len(ranks)} process(es), resumed with {world}; resume with as many")
-    cpu_rng, cuda_rng = ranks[rank]
+    if len(ranks) != loop.world:
+        raise TrainError(f"{ckpt}: saved by {len(ranks)} process(es), resumed with {loop.world}; resume with as many")
+    cpu_rng, cuda_rng = ranks[loop.rank]
     torch.set_rng_state(cpu_rng)
     if device.type == "cuda" and cuda_rng is not None:  # LoRA dropout on CUDA draws from this one
         torch.cuda.set_rng_state(cuda_rng, device)
-    if rank == 0:
-        print(f"resumed    from {ckpt} at step {state['step']}")
+    loop.log(f"resumed    from {ckpt} at step {state['step']}")
     return state["step"], state["best"]
 
 
-def training_state(opt, step, best, device, world):
-    """What --resume needs besides the adapter; the CPU and CUDA RNG states of every rank (gathered
-    on all ranks: each rank draws its own dropout masks)."""
-    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None)
-    ranks = [mine]
-    if world > 1:
-        ranks = [None] * world
-        dist.all_gather_object(ranks, mine)
-    return {"optimizer": opt.state_dict(), "step": step, "best": best, "rng": ranks[0][0], "cuda_rng": ranks[0][1],
-            "rng_ranks": ranks if world > 1 else None}
-
-
-def optimizer_step(cfg, train_model, params, opt, train_ex, global_batch, pad_id, step, total, device,
-                   autocast, rank, world, loss_hook):
+def optimizer_step(loop, train_ex, global_batch, pad_id, step, total):
     """Forward and backward over this rank's micro-batches of one global batch, then one AdamW step.
     Returns (mean loss per target token over the global batch, tokens this rank saw)."""
+    cfg, rank, world = loop.cfg, loop.rank, loop.world
     n_tok = sum(n_targets(train_ex[i]) for i in global_batch)                    # whole global batch
     mine = global_batch[rank * len(global_batch) // world:(rank + 1) * len(global_batch) // world]
     # a rank left without examples (a short last batch) still runs one pass with zero weight, so that
@@ -532,30 +405,68 @@ def optimizer_step(cfg, train_model, params, opt, train_ex, global_batch, pad_id
     weight = 1.0 if mine else 0.0
     mine = mine or global_batch[:1]
     micros = [mine[i:i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
-    for group in opt.param_groups:
+    for group in loop.opt.param_groups:
         group["lr"] = lr_at(step, total, cfg)
-    step_loss, tokens = torch.zeros((), device=device), 0
+    step_loss, tokens = torch.zeros((), device=loop.device), 0
     for j, micro in enumerate(micros):
-        batch = to_device(data.collate([train_ex[i] for i in micro], pad_id), device)
+        batch = to_device(data.collate([train_ex[i] for i in micro], pad_id), loop.device)
         sync = j == len(micros) - 1 or world == 1
-        with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
-            loss = loss_sum(train_model, batch) * weight
-            if loss_hook is not None:
-                loss = loss_hook(step, loss)
+        with (contextlib.nullcontext() if sync else loop.train_model.no_sync()), loop.autocast:
+            loss = loss_sum(loop.train_model, batch) * weight
+            if loop.loss_hook is not None:
+                loss = loop.loss_hook(step, loss)
             # DDP averages gradients over ranks; scaling by world makes that a sum
             (loss * world / n_tok).backward()
         step_loss += loss.detach()
         tokens += int(batch["attention_mask"].sum()) if weight else 0
     if world > 1:
         dist.all_reduce(step_loss)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    gnorm = torch.nn.utils.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if not (torch.isfinite(step_loss) and torch.isfinite(gnorm)):
-        kept = newest_checkpoint(cfg.out)
         raise TrainError(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'}; "
-                         f"stopped without updating. Last good checkpoint: {kept or 'none yet'}")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+                         f"stopped without updating. Last good checkpoint: {loop.run.latest() or 'none yet'}")
+    loop.opt.step()
+    loop.opt.zero_grad(set_to_none=True)
     return step_loss.item() / n_tok, tokens
+
+
+def training_state(loop, step, best):
+    """What --resume needs besides the adapter; the CPU and CUDA RNG states of every rank (gathered
+    on all ranks: each rank draws its own dropout masks)."""
+    device = loop.device
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None)
+    ranks = [mine]
+    if loop.world > 1:
+        ranks = [None] * loop.world
+        dist.all_gather_object(ranks, mine)
+    return {"optimizer": loop.opt.state_dict(), "step": step, "best": best, "rng": ranks[0][0],
+            "cuda_rng": ranks[0][1], "rng_ranks": ranks if loop.world > 1 else None}
+
+
+def validate_and_keep_best(loop, val_ex, tok, step, best):
+    """Validation on rank 0 (the others wait); best/ is rewritten when (rating accuracy, -loss)
+    improves. Returns (the validation metrics or None on other ranks, the best key so far)."""
+    last_val = None
+    if loop.rank == 0:
+        last_val = validate(loop.model, val_ex, tok, loop.cfg, loop.device, loop.autocast)
+        loop.log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
+        loop.run.log({"step": step, **last_val})
+        if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
+            best = [last_val["val_acc"], -last_val["val_loss"]]
+            loop.run.save(runs.BEST, weights(loop.cfg, loop.model))
+    if loop.world > 1:
+        dist.barrier()
+    return last_val, best
+
+
+def checkpoint(loop, step, best):
+    """last/ with the training state, written by rank 0 (the first one retires a run that
+    --overwrite moved aside)."""
+    state = training_state(loop, step, best)
+    if loop.rank == 0:
+        loop.run.save(runs.LAST, weights(loop.cfg, loop.model), state)
+    if loop.world > 1:
+        dist.barrier()
 
 
 def progress_row(step, total, first_step, loss, lr, tokens_seen, elapsed, model, device, world):
@@ -573,142 +484,6 @@ def progress_row(step, total, first_step, loss, lr, tokens_seen, elapsed, model,
     line = (f"step {step:>5}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{extra} "
             f"| {eta / 60:.1f} min left")
     return row, line
-
-
-def run(cfg, loss_hook=None):
-    """Train one run as configured; returns its final validation metrics. loss_hook(step, loss),
-    when given, may replace the loss (the tests inject a NaN with it)."""
-    device, dtype = resolve_device(cfg)
-    rank, world = setup_distributed(device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    # build and plan: every check of the model, tokenizer, data and options before --out is touched
-    tok, train_ex, val_ex, model, steps_per_epoch, total = plan(cfg, device, dtype, world, log)
-    if cfg.dry_run:
-        return None
-    lock = claim_out(cfg, rank, world)
-    stop = Interrupt(enabled=world == 1)  # Ctrl-C ends the run after the step in progress, with a checkpoint
-    try:
-        train_model, params, opt, autocast = optimizer_setup(cfg, model, device, dtype, rank, world)
-        # resume: the checkpoint first, then the record of the settings (checked equal by claim_out)
-        step, best = resume(cfg, model, opt, device, rank, world)
-        metrics = Metrics(os.path.join(cfg.out, "metrics.jsonl"), cfg.out, enabled=rank == 0)
-        if rank == 0:
-            write_atomic(os.path.join(cfg.out, "train_config.json"), json.dumps(saved_settings(cfg), indent=2))
-            keep_metrics_until(metrics.path, step)
-        train_model.train()
-        batches, t0, tokens_seen, losses, last_val, first_step = {}, time.time(), 0, [], None, step
-        while step < total:
-            # one optimizer step on the next global batch (a pure function of seed, epoch and step)
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch not in batches:
-                batches = {epoch: data.batch_indices(train_ex, cfg.batch_size, seed=cfg.seed, epoch=epoch)}
-            loss, tokens = optimizer_step(cfg, train_model, params, opt, train_ex, batches[epoch][k], tok.pad_id,
-                                          step, total, device, autocast, rank, world, loss_hook)
-            step, tokens_seen = step + 1, tokens_seen + tokens
-            losses.append(loss)
-            # log: the mean loss since the last line
-            if step % cfg.log_every == 0 or step == total:
-                row, line = progress_row(step, total, first_step, sum(losses) / len(losses), opt.param_groups[0]["lr"],
-                                         tokens_seen, time.time() - t0, model, device, world)
-                log(line, flush=True)
-                metrics.write(row)
-                losses = []
-            # validate, and keep the best adapter by (rating accuracy, -loss)
-            if val_ex and (step % cfg.val_every == 0 or step == total):
-                last_val, best = validate_and_keep_best(cfg, model, val_ex, tok, device, autocast, step, best,
-                                                        metrics, log, rank, world)
-            # checkpoint: what --resume continues from; the first one retires a replaced run
-            if step % cfg.save_every == 0 or step == total or stop.requested:
-                checkpoint(cfg, model, training_state(opt, step, best, device, world), rank, world)
-            if stop.requested:
-                raise TrainError(f"interrupted at step {step} of {total}; saved {cfg.out}/last; "
-                                 "continue with the same command and --resume")
-        if rank == 0:
-            write_atomic(os.path.join(cfg.out, "done.json"),
-                         json.dumps({"step": step, **(last_val or {}), "seconds": time.time() - t0}, indent=2))
-        return last_val
-    except BaseException:
-        if rank == 0:  # a failure before the first checkpoint gives a replaced run back
-            restore_replaced(cfg.out)
-        raise
-    finally:
-        stop.close()
-        lock.release()
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def plan(cfg, device, dtype, world, log):
-    """Check the options, build the model, adapter and examples, print the plan. Returns (tokenizer,
-    train examples, val examples, model, steps per epoch, total steps)."""
-    check_options(cfg, world)
-    torch.manual_seed(cfg.seed)
-    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
-    if not train_ex:
-        raise TrainError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dtype, world)
-    return tok, train_ex, val_ex, model, steps_per_epoch, total
-
-
-def optimizer_setup(cfg, model, device, dtype, rank, world):
-    """(the module that trains: compiled and/or wrapped in DDP, its trainable parameters, AdamW,
-    the autocast context: bf16 when the run is bf16, else none)."""
-    if world > 1:  # a distinct dropout stream per rank (the LoRA initialisation was the same on all)
-        torch.manual_seed(cfg.seed * 1_000_003 + rank)
-    train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
-                else contextlib.nullcontext())
-    return train_model, params, opt, autocast
-
-
-class Metrics:
-    """metrics.jsonl, appended a row at a time by rank 0; a write that fails (disk full) is one error."""
-
-    def __init__(self, path, out, enabled=True):
-        self.path, self.out, self.enabled = path, out, enabled
-
-    def write(self, row):
-        if not self.enabled:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:  # the checkpoints on disk stay as they are
-            raise TrainError(f"{self.path}: cannot append ({e.strerror or e}); the checkpoints in "
-                             f"{self.out} are intact, continue with --resume once there is room") from None
-
-
-def validate_and_keep_best(cfg, model, val_ex, tok, device, autocast, step, best, metrics, log, rank, world):
-    """Validation on rank 0 (the others wait); best/ is rewritten when (rating accuracy, -loss)
-    improves. Returns (the validation metrics or None on other ranks, the best key so far)."""
-    last_val = None
-    if rank == 0:
-        last_val = validate(model, val_ex, tok, cfg, device, autocast)
-        log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
-        metrics.write({"step": step, **last_val})
-        if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
-            best = [last_val["val_acc"], -last_val["val_loss"]]
-            save_checkpoint(cfg.out, "best", model, None, cfg)
-    if world > 1:
-        dist.barrier()
-    return last_val, best
-
-
-def checkpoint(cfg, model, state, rank, world):
-    """last/ with the training state, written by rank 0; once it exists, a run that --overwrite
-    moved aside is no longer needed."""
-    if rank == 0:
-        save_checkpoint(cfg.out, "last", model, state, cfg)
-        shutil.rmtree(os.path.join(cfg.out, "replaced"), ignore_errors=True)
-    if world > 1:
-        dist.barrier()
 
 
 class Interrupt:
@@ -733,52 +508,101 @@ class Interrupt:
             self.old = None
 
 
-def keep_metrics_until(path, step):
-    """Drop the rows a crashed run logged after its last checkpoint (and a line the crash cut off)."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    break  # a partial last line
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+# ----------------------------------------------------------------------------- the run
+
+def run(cfg, loss_hook=None):
+    """Train one run as configured; returns its final validation metrics. loss_hook(step, loss),
+    when given, may replace the loss (the tests inject a NaN with it)."""
+    device, dtype = resolve_device(cfg)
+    rank, world = setup_distributed(device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    # build and plan: every check of the model, tokenizer, data and options before --out is touched
+    tok, train_ex, val_ex, model, steps_per_epoch, total = plan(cfg, device, dtype, world, log)
+    if cfg.dry_run:
+        return None
+    run_dir = claim_out(cfg, rank, world)
+    stop = Interrupt(enabled=world == 1)  # Ctrl-C ends the run after the step in progress, with a checkpoint
+    try:
+        loop = setup(cfg, run_dir, model, device, dtype, rank, world, loss_hook)
+        # resume: the checkpoint first, then the record of the settings (checked equal by claim_out)
+        step, best = resume(loop)
+        if rank == 0:
+            run_dir.write_config(saved_settings(cfg))
+            run_dir.keep_metrics_until(step)
+        loop.train_model.train()
+        batches, t0, tokens_seen, losses, last_val, first_step = {}, time.time(), 0, [], None, step
+        while step < total:
+            # one optimizer step on the next global batch (a pure function of seed, epoch and step)
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch not in batches:
+                batches = {epoch: data.batch_indices(train_ex, cfg.batch_size, seed=cfg.seed, epoch=epoch)}
+            loss, tokens = optimizer_step(loop, train_ex, batches[epoch][k], tok.pad_id, step, total)
+            step, tokens_seen = step + 1, tokens_seen + tokens
+            losses.append(loss)
+            # log: the mean loss since the last line
+            if step % cfg.log_every == 0 or step == total:
+                row, line = progress_row(step, total, first_step, sum(losses) / len(losses),
+                                         loop.opt.param_groups[0]["lr"], tokens_seen, time.time() - t0, model,
+                                         device, world)
+                log(line, flush=True)
+                if rank == 0:
+                    run_dir.log(row)
+                losses = []
+            # validate, and keep the best adapter by (rating accuracy, -loss)
+            if val_ex and (step % cfg.val_every == 0 or step == total):
+                last_val, best = validate_and_keep_best(loop, val_ex, tok, step, best)
+            # checkpoint: what --resume continues from
+            if step % cfg.save_every == 0 or step == total or stop.requested:
+                checkpoint(loop, step, best)
+            if stop.requested:
+                raise TrainError(f"interrupted at step {step} of {total}; saved {cfg.out}/last; "
+                                 "continue with the same command and --resume")
+        if rank == 0:
+            run_dir.finish({"step": step, **(last_val or {}), "seconds": time.time() - t0})
+        return last_val
+    except BaseException:
+        if rank == 0:  # a failure before the first checkpoint gives a replaced run back
+            run_dir.restore_replaced()
+        raise
+    finally:
+        stop.close()
+        run_dir.release()
+        if world > 1:
+            dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- grid
+# ----------------------------------------------------------------------------- grid and command line
 
-def grid(cfg, variants, seeds):
-    """Every variant x seed into cfg.out/<variant>-s<seed>, skipping runs already finished."""
-    for variant in variants:
-        for seed in seeds:
-            out = os.path.join(cfg.out, f"{variant}-s{seed}")
-            if os.path.exists(os.path.join(out, "done.json")):
-                print(f"== {out}: finished, skipped")
+@dataclass
+class GridConfig(TrainConfig):
+    variants: str = "label,explanation"  # comma-separated variants, each into --out/<variant>-s<seed>
+    seeds: str = "0"                  # comma-separated seeds
+
+
+def grid(cfg):
+    """Every variant x seed into cfg.out/<variant>-s<seed>, skipping runs already finished and
+    resuming those a crash left unfinished."""
+    base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+    for variant in cfg.variants.split(","):
+        for seed in (int(s) for s in cfg.seeds.split(",")):
+            out = Run(os.path.join(cfg.out, f"{variant}-s{seed}"))
+            if out.finished:
+                print(f"== {out.path}: finished, skipped")
                 continue
-            print(f"== {out}")
-            run(replace(cfg, variant=variant, seed=seed, out=out, resume=newest_checkpoint(out) is not None))
+            print(f"== {out.path}")
+            run(TrainConfig(**dict(base, variant=variant, seed=seed, out=out.path, resume=out.latest() is not None)))
+
+
+COMMANDS = {"run": cli.Command(TrainConfig, run, "train one run (the default: train.py --model ... --data ...)"),
+            "grid": cli.Command(GridConfig, grid, "run variants x seeds into one folder, skipping finished runs")}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if not argv:  # the demo (demo.py), which imports this module by its own name
-            import demo
-            sys.exit(demo.main([]))
-        elif argv[0] == "grid":
-            p = _parser("train.py grid", "Run variants x seeds into one folder, skipping finished runs.")
-            p.add_argument("--variants", default="label,explanation", help="comma-separated variants")
-            p.add_argument("--seeds", default="0", help="comma-separated seeds")
-            a = vars(p.parse_args(argv[1:]))
-            variants, seeds = a.pop("variants").split(","), [int(s) for s in a.pop("seeds").split(",")]
-            grid(TrainConfig(**a), variants, seeds)
-        else:
-            run(TrainConfig(**vars(_parser().parse_args(argv))))
-    except (TrainError, ModelError, data.DataError, data.TokenizerError, lora.AdapterError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if not argv:  # a shortcut for `python demo.py`, run as its own program: train.py never imports the demo
+        return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")])
+    return cli.main("train.py", __doc__, COMMANDS, argv, default="run")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

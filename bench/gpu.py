@@ -9,7 +9,7 @@ still runs; each one has a time budget, and the whole run a deadline):
 
   matmul      the card's measured bf16 matrix rate (8192^3 products), the denominator of MFU, and
               its device-to-device copy rate; beside them the datasheet peak from
-              bench/train_step.py's table, the one place that table lives
+              train.py's PEAK_BF16_FLOPS, the one place that table lives
   cuda_tests  `pytest -m cuda` on the test files that carry the marker (tests/test_cuda.py): bf16
               autocast, checkpointing, fused AdamW, NF4 on the device, the KV cache
   train_bf16  the 7B training profile of bench/train_step.py (Mistral-7B-v0.1 shape, random bf16
@@ -589,6 +589,7 @@ def run_logged(cmd, log, timeout):
 
 
 def stage_real_run(report, res, limit):
+    from runs import Run  # the run folder's files (imports torch: not at start-up)
     import demo
     settings = REAL_RUN["smoke" if report.smoke else "full"]
     dev = report.device
@@ -621,7 +622,7 @@ def stage_real_run(report, res, limit):
             if proc.returncode != 0:
                 attempt["train_error"] = (proc.stderr or proc.stdout).strip()[-1500:]
                 continue
-            rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+            rows = Run(out).metrics()
             losses = [r for r in rows if "loss" in r]
             last = losses[-1]
             attempt.update(steps=last["step"], loss_first=losses[0]["loss"], loss_last=last["loss"],
@@ -632,9 +633,8 @@ def stage_real_run(report, res, limit):
             proc, seconds = run_logged(["eval.py", "--run", out, "--split", "test", "--device", dev.type], log,
                                        max(5, left - 3))
             attempt.update(eval_rc=proc.returncode, eval_s=seconds)
-            mpath = os.path.join(out, "eval-test", "metrics.json")
-            if proc.returncode == 0 and os.path.exists(mpath):
-                m = json.load(open(mpath))
+            m = Run(out).scores("test")
+            if proc.returncode == 0 and m is not None:
                 attempt["eval"] = {k: m["overall"][k] for k in ("accuracy", "macro_f1", "mae", "nll", "n")}
                 attempt["eval"].update(examples_per_s=m.get("examples_per_s"), unparsed=m.get("unparsed"))
             else:

@@ -233,14 +233,10 @@ def test_explain_first_run_reads_the_rating_after_the_explanation(runs):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        A.main([str(tmp_path), "--out", str(tmp_path / "o")])
-    assert e.value.code == 2
+    assert A.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "train_config.json" in err and "\n" not in err
-    with pytest.raises(SystemExit) as e:
-        A.main(["--help"])
-    assert e.value.code == 0
+    assert A.main(["--help"]) == 0
 
 
 def test_runs_of_different_depths_are_refused_before_any_forward_pass(tmp_path, capsys, monkeypatch):
@@ -255,9 +251,7 @@ def test_runs_of_different_depths_are_refused_before_any_forward_pass(tmp_path, 
         (run / "train_config.json").write_text(json.dumps({"model": str(base), "variant": "label"}))
         runs.append(str(run))
     monkeypatch.setattr(A, "analyse_run", lambda *a, **k: pytest.fail("a run was analysed"))
-    with pytest.raises(SystemExit) as e:
-        A.main(runs + ["--out", str(tmp_path / "o")])
-    assert e.value.code == 2
+    assert A.main(runs + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert f"{runs[0]} has 2 layers" in err and f"{runs[1]} has 3" in err

@@ -1,6 +1,6 @@
 """damage.py: labels by construction. Each grade changes the reply by the stated amount and nothing
 else, grades are balanced, every axis of a conversation shares its split, subsets nest, the signal
-check separates a grade the model can see from one it cannot, and the command answers in one line."""
+check separates a grade the model can see from one it cannot, and the commands answer in one line."""
 import json
 import random
 from collections import Counter
@@ -114,3 +114,17 @@ def test_command_line(tmp_path, capsys):
     assert damage.main(["make", "--input", str(src), "--out", str(out), "--n", "100"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: only 30 conversations")
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["make", "--out", "x.jsonl", "--bogus"], ["check", "--bogus"],
+                                  ["check", "--model", "nowhere", "--data", "missing.jsonl"]])
+def test_bad_arguments_and_missing_files_are_one_error_line(argv, capsys):
+    assert damage.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:")
+
+
+def test_help_lists_the_commands(capsys):
+    assert damage.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  make " in out and "\n  check " in out

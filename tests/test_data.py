@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import importers
 from demo import DEMO_SETS, write_demo
 from importers import import_conversations
 from data import IGNORE_INDEX, VARIANTS, DataError, Tokenizer
@@ -78,8 +79,7 @@ def test_target_text_and_tokens_are_what_plain_encoding_gives(mistral_v1_model, 
                  ("explanation", "explain_first"): f"{expl}\nRating: 4"}
         for (variant, order), target in cases.items():
             (e,) = data.build_examples([r], tok, variant, order=order)
-            prompt = data.format_prompt(r, order=order if variant != "label" else "rating_first")
-            assert prompt.endswith("\n\nRating:" if target[0] == "4" else "\n\nExplanation:")
+            prompt = data._prompt_body(r, data.AXES) + ("\n\nRating:" if target[0] == "4" else "\n\nExplanation:")
             assert e.input_ids == tok.encode(f"{prompt} {target}", bos=True, eos=True)
             assert tok.decode(e.input_ids[e.n_prompt:-1]) == target
 
@@ -136,17 +136,20 @@ def test_variants_are_deterministic_and_independent_of_record_order(mistral_v1_m
 def test_inst_template(mistral_v1_model):
     tok, r = Tokenizer(mistral_v1_model), data.check_record(rec())
     (e,) = data.build_examples([r], tok, "explanation", template="inst")
-    text = data.format_prompt(r, template="inst")
-    assert text.startswith("[INST] Rate the response's naturalness") and text.endswith(" [/INST] Rating:")
+    text = f"[INST] {data._prompt_body(r, data.AXES)} [/INST] Rating:"  # the chat encoding is the text's
     assert e.input_ids[:e.n_prompt] == tok.encode(text, bos=True)
     assert e.decision_pos == e.n_prompt and tok.decode(e.input_ids[e.n_prompt:]) == "4\nExplanation: " + r["explanation"]
 
 
-def test_prompt_labels_turns_backwards_from_the_response():
-    r = data.check_record(rec(context=["a", "b", "c"], axis="on_topic"))
-    assert data.format_prompt(r) == ("Rate the response's on-topic (sticks to the topic of the conversation) "
-                                     "from 1 to 5.\n\nUser: a\nAssistant: b\nUser: c\nResponse: Fine, thanks.\n\nRating:")
-    assert data.format_prompt(r, order="explain_first", keep_turns=1).endswith("\n\nUser: c\nResponse: Fine, thanks.\n\nExplanation:")
+def test_prompt_labels_turns_backwards_from_the_response(mistral_v1_model):
+    tok, r = Tokenizer(mistral_v1_model), data.check_record(rec(context=["a", "b", "c"], axis="on_topic"))
+    prompt = lambda e: tok.decode(e.input_ids[:e.n_prompt])  # noqa: E731
+    (e,) = data.build_examples([r], tok, "explanation")
+    assert prompt(e) == ("Rate the response's on-topic (sticks to the topic of the conversation) "
+                         "from 1 to 5.\n\nUser: a\nAssistant: b\nUser: c\nResponse: Fine, thanks.\n\nRating:")
+    (e,) = data.build_examples([r], tok, "explanation", order="explain_first")
+    assert prompt(e).endswith("from 1 to 5.\n\nUser: a\nAssistant: b\nUser: c\nResponse: Fine, thanks.\n\nExplanation:")
+    assert data._prompt_body(r, data.AXES, keep_turns=1).endswith("from 1 to 5.\n\nUser: c\nResponse: Fine, thanks.")
 
 
 def test_truncation_drops_oldest_turns_never_response_or_target(mistral_v1_model, capsys):
@@ -312,7 +315,7 @@ def test_custom_axes(tmp_path, mistral_v1_model):
     (tmp_path / "axes.txt").write_text("politeness: courteous and respectful\n")
     for axes in ({"politeness": "courteous and respectful"}, str(tmp_path / "axes.json"), str(tmp_path / "axes.txt")):
         (r,) = data.load_records(path, axes=axes)
-        assert "politeness (courteous and respectful) from 1 to 5" in data.format_prompt(r, axes=axes)
+        assert "politeness (courteous and respectful) from 1 to 5" in data._prompt_body(r, data.load_axes(axes))
         assert len(data.build_examples([r], Tokenizer(mistral_v1_model), "explanation", axes=axes)) == 1
 
 
@@ -576,7 +579,7 @@ def test_cli(tmp_path, demo, capsys):
     assert data.main(["aggregate", str(tmp_path / "missing.jsonl"), "-o", out]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     qa = write(tmp_path / "qa.jsonl", [{"qid": "1", "questionText": "Why?", "answers": [{"answerText": "So."}]}, "{"])
-    assert data.main(["import", "amazonqa", qa, "-o", out]) == 0
+    assert importers.main(["amazonqa", qa, "-o", out]) == 0
     assert capsys.readouterr().err == f"warning: {qa}:2: not valid JSON (Expecting property name enclosed in double quotes)\n"
     assert data.main(["validate", out]) == 0 and "1 valid conversation records" in capsys.readouterr().out
 
@@ -585,10 +588,22 @@ def test_cli_errors_are_one_line_and_help_lists_commands(tmp_path, capsys):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "validate", str(tmp_path / "none.jsonl")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
-    with pytest.raises(SystemExit) as e:
-        data.main(["--help"])
+    assert data.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert e.value.code == 0 and all(c in out for c in ("validate", "aggregate", "import", "preview", "demo"))
+    assert all(f"\n  {c} " in out for c in ("validate", "aggregate", "preview")) and "importers.py" in out
+    assert importers.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: importers.py") and all(f in out for f in importers.IMPORTERS) and "--out" in out
+
+
+@pytest.mark.parametrize("main,argv", [(data.main, ["--bogus"]), (data.main, ["validate", "x.jsonl", "--bogus"]),
+                                       (data.main, ["aggregate", "x.jsonl", "-o", "y.jsonl", "--bogus"]),
+                                       (data.main, ["preview", "x.jsonl", "--bogus"]),
+                                       (importers.main, ["--bogus"]), (importers.main, ["amazonqa", "-o", "y", "--bogus"])])
+def test_a_bad_argument_is_one_error_line(main, argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:")
 
 
 def test_byte_order_mark_is_accepted_and_bad_bytes_name_the_line(tmp_path):
@@ -623,9 +638,9 @@ def test_validate_judges_the_kind_from_every_record(tmp_path, capsys):
 def test_import_and_aggregate_that_produce_nothing_fail(tmp_path, capsys):
     empty = write(tmp_path / "qa.jsonl", ["{"])
     out = str(tmp_path / "out.jsonl")
-    assert data.main(["import", "amazonqa", empty, "-o", out]) == 2
+    assert importers.main(["amazonqa", empty, "-o", out]) == 2
     assert "no conversation could be read" in capsys.readouterr().err and not os.path.exists(out)
-    assert data.main(["import", "amazonqa", empty, "-o", out, "--n", "-1"]) == 2
+    assert importers.main(["amazonqa", empty, "-o", out, "--n", "-1"]) == 2
     assert "--n must be at least 1, got -1" in capsys.readouterr().err
     raw = write(tmp_path / "raw.jsonl", [{"id": "r1", "dataset": "d", "context": ["Hi"], "response": "Hello",
                                           "ratings": [{"rater": "m", "prompt": "scale5", "axis": "naturalness",

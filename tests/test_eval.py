@@ -14,6 +14,7 @@ import data
 from demo import write_demo
 import eval as ev
 import lora
+from runs import Run
 from model import Config, Transformer, load_model, save_model
 
 
@@ -263,7 +264,7 @@ def test_compare_reproduces_known_differences(grid, tmp_path, monkeypatch, capsy
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     _, runs = grid
     out = str(tmp_path / "cmp")
-    s = ev.compare(runs, out, n_boot=500)
+    s = ev.compare(ev.CompareConfig(runs, out, n_boot=500))
 
     t = s["table"]
     assert t["coqa/naturalness"]["label"]["accuracy"]["mean"] == pytest.approx(0.5)
@@ -298,19 +299,15 @@ def test_compare_refuses_different_test_items(grid, tmp_path, capsys):
     _, runs = grid
     odd = write_fake_predictions(str(tmp_path / "other"), "label", 7, 5, drop=1)
     with pytest.raises(ev.EvalError, match="different test items"):
-        ev.compare(runs + [odd], str(tmp_path / "cmp"))
-    with pytest.raises(SystemExit) as e:
-        ev.main(["compare", *runs, odd, "--out", str(tmp_path / "cmp")])
-    assert e.value.code == 2
+        ev.compare(ev.CompareConfig(runs + [odd], str(tmp_path / "cmp")))
+    assert ev.main(["compare", *runs, odd, "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "different test items" in err and err.count("\n") == 1
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     for argv in (["--run", str(tmp_path)], ["--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]):
-        with pytest.raises(SystemExit) as e:
-            ev.main(argv)
-        assert e.value.code == 2
+        assert ev.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
 
@@ -328,7 +325,7 @@ def test_gap_closed_is_undefined_when_explanation_loses(tmp_path):
     root = str(tmp_path / "grid")
     runs = [write_fake_predictions(root, "label", 0, 6), write_fake_predictions(root, "explanation", 0, 4),
             write_fake_predictions(root, "shuffled", 0, 5)]
-    s = ev.compare(runs, str(tmp_path / "cmp"), n_boot=100)
+    s = ev.compare(ev.CompareConfig(runs, str(tmp_path / "cmp"), n_boot=100))
     assert s["gap"] == pytest.approx(-0.2)
     assert s["versus_label"]["shuffled"]["gap_closed"] is None  # not (0.5 - 0.6) / -0.2 = +50%
     md = read(str(tmp_path / "cmp" / "compare.md"))
@@ -344,7 +341,7 @@ def test_rating_weight_runs_form_their_own_column(tmp_path):
     cfg_path = os.path.join(rw, "train_config.json")
     with open(cfg_path, "w") as f:
         json.dump({"variant": "explanation", "seed": 0, "order": "rating_first", "rating_weight": True}, f)
-    s = ev.compare(runs + [rw], str(tmp_path / "cmp"), n_boot=100)
+    s = ev.compare(ev.CompareConfig(runs + [rw], str(tmp_path / "cmp"), n_boot=100))
     assert list(s["table"]["overall"]) == ["label", "explanation", "explanation+rw"]
     assert s["table"]["overall"]["explanation+rw"]["accuracy"]["mean"] == pytest.approx(0.7)
 
@@ -364,11 +361,11 @@ def test_compare_rescores_predictions_of_a_changed_checkpoint(demo, tmp_path, ca
     for layer in lora.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     lora.save_adapter(model, os.path.join(run, "best"))
-    assert "has changed since it was scored" in ev.stale_reason(run, "test")
+    assert "has changed since it was scored" in Run(run).stale_reason("test")
     ev.load_grid([run])
     assert "rescoring" in capsys.readouterr().out
     second = json.load(open(os.path.join(run, "eval-test", "metrics.json")))
-    assert second["checkpoint_sha256"] != first["checkpoint_sha256"] and ev.stale_reason(run, "test") is None
+    assert second["checkpoint_sha256"] != first["checkpoint_sha256"] and Run(run).stale_reason("test") is None
 
 
 def _corrupt(path, line_no, text):
@@ -390,9 +387,7 @@ def test_compare_names_the_file_and_line_of_a_corrupt_prediction(grid, tmp_path,
     _, runs = grid
     path = os.path.join(runs[1], "eval-test", "predictions.jsonl")
     _corrupt(path, 3, bad)
-    with pytest.raises(SystemExit) as e:
-        ev.main(["compare", *runs, "--out", str(tmp_path / "cmp")])
-    assert e.value.code == 2
+    assert ev.main(["compare", *runs, "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert f"{path}: line 3: " in err and why in err and "no checkpoint" in err
@@ -414,9 +409,7 @@ def test_compare_rescores_a_corrupt_prediction_file_from_the_checkpoint(demo, tm
 def test_eval_run_refuses_an_unfinished_run(demo, tmp_path, capsys):
     tok = data.Tokenizer(demo["tokenizer"])
     run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])   # no done.json
-    with pytest.raises(SystemExit) as e:
-        ev.main(["--run", run])
-    assert e.value.code == 2
+    assert ev.main(["--run", run]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "done.json" in err and "--allow-unfinished" in err
     assert not os.path.exists(os.path.join(run, "eval-test"))
@@ -440,6 +433,5 @@ def test_compare_skips_unfinished_runs_unless_allowed(grid, tmp_path, capsys):
     assert json.load(open(tmp_path / "cmp2" / "compare.json")) != table  # the run counts again
     for r in runs[:1] + runs[2:]:
         os.remove(os.path.join(r, "done.json"))
-    with pytest.raises(SystemExit) as e:
-        ev.main(["compare", *runs, "--out", str(tmp_path / "cmp3")])
-    assert e.value.code == 2 and "no finished run folder" in capsys.readouterr().err
+    assert ev.main(["compare", *runs, "--out", str(tmp_path / "cmp3")]) == 2
+    assert "no finished run folder" in capsys.readouterr().err

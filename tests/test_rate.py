@@ -13,6 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import cli
 import data
 import model as M
 import rate
@@ -70,9 +71,11 @@ def conversations(tmp_path):
     return str(path)
 
 
-def run_rate(raters, conversations, out, *extra):
-    return rate.main(["--raters", *raters, "--input", conversations, "--out", str(out), "--axes", ",".join(AXES),
-                      "--batch-size", "5", "--max-new-tokens", "12", "--retries", "1", *extra])
+def run_rate(raters, conversations, out, **settings):
+    """rate.rate's counts for the tiny raters; settings are RateConfig fields."""
+    cfg = dict(raters=list(raters), input=conversations, out=str(out), axes=",".join(AXES), batch_size=5,
+               max_new_tokens=12, retries=1)
+    return rate.rate(rate.RateConfig(**dict(cfg, **settings)))
 
 
 def lines(path):
@@ -207,9 +210,7 @@ def test_prompts_file_and_unknown_strategy(tmp_path):
 
 
 def expect_error(capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        rate.main(argv)
-    assert e.value.code == 2
+    assert rate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
 
@@ -237,6 +238,17 @@ def test_bad_inputs_are_one_line_errors(raters, conversations, tmp_path, capsys)
     expect_error(capsys, ["--raters", raters[0], "--input", str(bad), "--out", out], f"{bad}:2: not valid JSON")
     expect_error(capsys, ["--raters", raters[0], "--input", str(tmp_path / "missing.jsonl"), "--out", out], "no such file")
     assert not os.path.exists(out)
+
+
+def test_command_line_shape(capsys):
+    """One line and status 2 for a bad argument; --help lists the subcommands."""
+    assert rate.main(["--bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert rate.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "summarize" in out and "check" in out
+    assert issubclass(rate.RateError, cli.Error) and issubclass(rate.RateError, ValueError)
 
 
 def test_read_jsonl_repairs_only_a_cut_off_last_line(tmp_path):
@@ -297,9 +309,9 @@ def test_sampled_scores_are_seeded_per_rating_and_vary(raters, conversations, tm
                           "--samples", "2"], "--temperature")
     stub(raters, monkeypatch)
 
-    def scores(name, *extra):
+    def scores(name, **extra):
         out = tmp_path / f"{name}.jsonl"
-        run_rate(raters[:1], conversations, out, "--samples", "3", "--temperature", "1.0", *extra)
+        run_rate(raters[:1], conversations, out, samples=3, temperature=1.0, **extra)
         keys = rating_keys(out)
         assert len(keys) == len(set(keys)) and set(keys) == all_keys(raters[:1], samples=3)
         return dict(zip(keys, (x["score"] for r in lines(out) for x in r["ratings"])))
@@ -307,8 +319,8 @@ def test_sampled_scores_are_seeded_per_rating_and_vary(raters, conversations, tm
     first = scores("a")
     assert all(1 <= s <= rate.STRATEGIES[k[3]]["scale"] for k, s in first.items())
     assert scores("b") == first                              # the same seed: the same samples
-    assert scores("c", "--batch-size", "3") == first         # seeded per rating, not per batch
-    assert scores("d", "--seed", "1") != first               # another seed: other samples
+    assert scores("c", batch_size=3) == first                # seeded per rating, not per batch
+    assert scores("d", seed=1) != first                      # another seed: other samples
     per_question = {}
     for (i, axis, _, p, k), s in first.items():
         per_question.setdefault((i, axis, p), set()).add(s)
@@ -342,7 +354,7 @@ def test_custom_axis_from_a_file(raters, conversations, tmp_path, monkeypatch, c
             "--axes", "politeness", "--axes-file", str(axes)]
     expect_error(capsys, argv, "no rated examples for axis 'politeness'")  # the built-in examples rate 3 axes
     gen = stub(raters, monkeypatch)
-    rate.main([*argv, "--prompts", "scale4,scale5"])
+    assert rate.main([*argv, "--prompts", "scale4,scale5"]) == 0
     assert "politeness: courteous and respectful" in gen.tok.decode(gen.last_prompt)
     raw = data.load_records(str(tmp_path / "raw.jsonl"), kind="raw", axes=str(axes))
     records, report = data.aggregate(raw)
@@ -403,14 +415,13 @@ def test_summarize_resumes_and_feeds_aggregate(raters, conversations, tmp_path, 
     summary_stub.calls = 0
     tok = data.Tokenizer(raters[0])
     monkeypatch.setattr(rate, "generate", summary_stub)
-    argv = ["summarize", "--model", raters[1], "--input", str(out), "--batch-size", "2"]
-    with pytest.raises(KeyboardInterrupt):
-        rate.main(argv)
+    assert rate.main(["summarize", "--model", raters[1], "--input", str(out), "--batch-size", "2"]) == 130  # Ctrl-C
     with open(out, "a") as f:
         f.write('{"id": "c2", "summ')
-    counts = rate.main(argv)
+    cfg = rate.SummarizeConfig(model=raters[1], input=str(out), batch_size=2)
+    counts = rate.summarize(cfg)
     assert counts == {"ok": 4, "failed": 0}  # 3 items x 2 axes; the first batch of 2 survived the crash
-    assert rate.main(argv) == {"ok": 0, "failed": 0}
+    assert rate.summarize(cfg) == {"ok": 0, "failed": 0}
     new = lines(out)[n_lines:]
     pairs = [(r["id"], a) for r in new for a in r["summaries"]]
     assert len(pairs) == len(set(pairs)) and set(pairs) == {(i, a) for i in ("c1", "c2", "c4") for a in AXES}
@@ -424,8 +435,7 @@ def test_summarize_with_a_random_model_to_another_file(raters, conversations, tm
     run_rate(raters[:1], conversations, raw)
     monkeypatch.setattr(rate, "generate", M.generate)
     out = tmp_path / "summarised.jsonl"
-    counts = rate.main(["summarize", "--model", raters[1], "--input", str(raw), "--out", str(out),
-                        "--max-new-tokens", "8"])
+    counts = rate.summarize(rate.SummarizeConfig(model=raters[1], input=str(raw), out=str(out), max_new_tokens=8))
     assert counts["ok"] + counts["failed"] == len(CONVERSATIONS) * len(AXES)
     assert lines(out)[:len(lines(raw))] == lines(raw)  # --out starts as a copy of the input
     assert sum(len(r.get("summaries", {})) for r in lines(out)) == counts["ok"]
@@ -493,7 +503,8 @@ def test_check_scores_real_against_corrupted(raters, conversations, tmp_path, mo
                         [4.0 if r["response"] in originals and r["response"] == c["response"] else 2.0
                          for r, c in zip(records, CONVERSATIONS)])
     out = tmp_path / "check.json"
-    rate.main(["check", "--raters", raters[0], "--input", conversations, "--out", str(out), "--axes", ",".join(AXES)])
+    assert rate.main(["check", "--raters", raters[0], "--input", conversations, "--out", str(out),
+                      "--axes", ",".join(AXES)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["axis"], r["prompt"]) for r in rows} == {(a, p) for a in AXES for p in STRATEGIES}
     assert all(r["auc"] == 1.0 and r["n"] == 4 and r["mean_real"] == 4.0 for r in rows)
@@ -555,7 +566,7 @@ def test_check_with_no_pair_left_reports_none_without_crashing(raters, tmp_path)
     path.write_text("".join(json.dumps({"id": f"w{i}", "dataset": "demo", "context": ["Hi"], "response": "Hello"}) + "\n"
                             for i in range(3)))
     out = tmp_path / "check.json"
-    rate.main(["check", "--raters", raters[0], "--input", str(path), "--out", str(out),
-               "--axes", "comprehensiveness", "--prompts", "scale5"])
+    rate.check(rate.CheckConfig(raters=[raters[0]], input=str(path), out=str(out), axes="comprehensiveness",
+                                prompts="scale5"))
     rows = json.loads(out.read_text())["rows"]
     assert [(r["n"], r["auc"]) for r in rows] == [(0, None)]

@@ -87,7 +87,7 @@ def test_eval_analysis_and_rater_run_on_smollm2(smollm2_gguf, smol_run, tmp_path
     assert all(abs(sum(r["probs"]) - 1) < 1e-6 and 1 <= r["predicted"] <= 5 for r in rows)
 
     out = str(tmp_path / "analysis")
-    result = analysis.analyse([run], out, split="test", n=3, batch_size=3)
+    result = analysis.analyse(analysis.AnalysisConfig([run], out, split="test", n=3, batch_size=3))
     per_layer = open(os.path.join(out, "per_layer.csv")).read()
     assert "act_entropy" in per_layer and ",30," in per_layer  # SmolLM2's 30 layers
     assert result is not None

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 import data
+import demo
 import rate
 import study
 
@@ -220,7 +221,7 @@ def test_smoke_rater_answers_in_format(tmp_path):
 
     text = tmp_path / "text.txt"
     text.write_text("Hi there, how are you doing today?\nFine, thanks for asking.\n")
-    path = study.build_smoke_rater(str(tmp_path / "rater"), str(text))
+    path = demo.build_smoke_rater(str(tmp_path / "rater"), str(text))
     model, tok = load_model(path), data.Tokenizer(path)
     conv = {"context": ["Hi there, how are you doing today?"], "response": "Fine, thanks for asking."}
     prompt = tok.chat(rate.rating_prompt(conv, "naturalness", data.AXES["naturalness"], rate.STRATEGIES["scale5"]),
@@ -243,7 +244,7 @@ def test_committed_comparison_is_recomputed_from_the_committed_predictions(tmp_p
     for corpus in summary["corpora"]:
         runs = sorted(glob.glob(os.path.join(results, corpus, "runs", "*")))
         assert len(runs) == summary["runs_per_corpus"]
-        again = evaluate.compare(runs, out=str(tmp_path / corpus))
+        again = evaluate.compare(evaluate.CompareConfig(runs, out=str(tmp_path / corpus)))
         with open(os.path.join(results, corpus, "compare.json")) as f:
             committed = json.load(f)
         assert json.loads(json.dumps(again["table"])) == committed["table"]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import lora
+import runs
 import train
 from model import Config, Transformer, save_model
 
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
     records = keyword_records(400)
     data.write_jsonl(records, str(d / "train.jsonl"))
     corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(data.format_prompt(r) + " " + str(r["label"]) + " " + r["explanation"]
+    corpus.write_text("\n".join(data._prompt_body(r, data.AXES) + "\n\nRating: " + str(r["label"]) + " " + r["explanation"]
                                 for r in records))
     tok_path = data.train_tokenizer(str(corpus), str(d / "tok"), vocab_size=400)
     tok = data.Tokenizer(tok_path)
@@ -296,7 +297,7 @@ def _unfinished(setup, out, **kw):
     """A run stopped by a NaN at step 3, with its checkpoint of step 2."""
     with pytest.raises(train.TrainError):
         train.run(config(setup, out, steps=6, **kw), loss_hook=lambda s, loss: loss * float("nan") if s == 2 else loss)
-    newest = train.newest_checkpoint(str(out))
+    newest = runs.Run(str(out)).latest()
     assert newest and not (out / "done.json").exists()
     return newest
 
@@ -325,7 +326,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(setup, tmp_p
         alive.kill()
         alive.wait()
     train.run(config(setup, out, steps=2))
-    assert f"process {alive.pid} that held it is gone" in capsys.readouterr().out
+    assert f"process {alive.pid} that held it is gone" in capsys.readouterr().err
     assert not (out / "lock").exists() and (out / "done.json").exists()
 
 
@@ -415,7 +416,7 @@ def test_corrupt_state_falls_back_to_last_old_or_says_so(setup, tmp_path):
     _unfinished(setup, out2)
     state = out2 / "last" / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # truncated
-    with pytest.raises(train.TrainError, match="no readable checkpoint to resume from"):
+    with pytest.raises(runs.RunError, match="no readable checkpoint to resume from"):
         train.run(config(setup, out2, steps=6, resume=True))
 
 
@@ -462,7 +463,7 @@ def test_custom_axis_run_scores_and_analyses(setup, tmp_path):
     train.run(config(setup, tmp_path / "run", data=path, steps=1, axes_file=str(axes)))
     m = ev.score_run(str(tmp_path / "run"))
     assert list(m["settings"]) == ["kw/politeness"]
-    assert analysis.analyse([str(tmp_path / "run")], str(tmp_path / "an"), n=2) is not None
+    assert analysis.analyse(analysis.AnalysisConfig([str(tmp_path / "run")], str(tmp_path / "an"), n=2)) is not None
 
 
 def test_disk_full_names_the_path_keeps_last_and_resumes(setup, tmp_path, monkeypatch):
@@ -477,7 +478,7 @@ def test_disk_full_names_the_path_keeps_last_and_resumes(setup, tmp_path, monkey
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(train.TrainError) as e:
+    with pytest.raises(runs.RunError) as e:
         train.run(config(setup, out, steps=6))
     assert "last.tmp: cannot write the checkpoint (No space left on device)" in str(e.value)
     assert "last from before is intact" in str(e.value)
