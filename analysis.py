@@ -49,6 +49,7 @@ not remove that: it fixes only the ceiling, and attention spread over a fixed k 
 log k / log n, falling as n grows. So those groups get their levels (attn_entropy_norm beside the raw
 one) but no `minus_label`; analysis.json says why in `minus_label_omitted`.
 """
+import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
 import contextlib
 import csv
 import json
@@ -61,7 +62,6 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-import cli
 import data
 import eval as evaluate
 from cli import write_atomic

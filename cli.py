@@ -28,17 +28,36 @@ OSError, and `main` turns it into one line, `error: ...`, and exit status 2; so 
 status 130. `main` returns the status instead of exiting, so that tests and scripts can call it.
 
 `write_atomic` is the one way files are written: through a temporary name and a rename, so a crash
-never leaves half a file under the real name.
+never leaves half a file under the real name. `Lock` keeps a second process from writing the same
+output (a run folder, a raw ratings file, a study folder) while the first runs.
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import inspect
 import os
 import shutil
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import dataclass
+
+
+def _exit_at_once(signum, frame):
+    print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+    os._exit(130)  # nothing is written before main runs; no half-imported module is left to trip over
+
+
+# When one of this project's commands is the program, Ctrl-C while it starts (importing torch takes
+# seconds) ends it at once with one line: a KeyboardInterrupt raised inside an import can leave a
+# library half-initialised and print another library's traceback. Each command imports cli.py
+# first; main() hands Ctrl-C back to Python's KeyboardInterrupt (caught there) before the work starts.
+if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", None) or "-")) == \
+        os.path.dirname(os.path.abspath(__file__)) and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _exit_at_once)
 
 
 class Error(Exception):
@@ -148,6 +167,8 @@ def main(prog, doc, commands, argv=None, default=None):
         epilog = "\n\n".join(x for x in ((listing if len(commands) > 1 and sub_prog == prog else ""),
                                          rest if sub_prog == prog else "") if x)
         cfg = command.config(**vars(parser(sub_prog, description, command.config, epilog).parse_args(argv)))
+        if signal.getsignal(signal.SIGINT) is _exit_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on: caught below
         command.function(cfg)
         return 0
     except SystemExit as e:  # --help
@@ -186,3 +207,74 @@ def _remove(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+class Lock:
+    """`path` (e.g. runs/x/lock) holds the pid of the process writing an output, so that two processes
+    never write one; a second one gets an Error naming the holder. The lock of a process that is gone
+    (killed, crashed machine) is taken over, with a message. Creating, checking and taking over happen
+    under an flock of the containing folder (released by the kernel if the process dies), so two
+    processes that find the same dead holder's lock cannot both take it, and none ever reads a lock
+    that another is still writing."""
+
+    def __init__(self, path, what=None):
+        self.path, self.held = path, False
+        self.what = what or os.path.dirname(path) or "."  # what the lock protects, for the message
+
+    def acquire(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        guard = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # held for the few lines below, one process at a time
+            if os.path.lexists(self.path):
+                pid = _lock_pid(self.path)
+                if pid is not None and _alive(pid):
+                    raise Error(f"{self.what} is being written by process {pid} (lock file {self.path}); "
+                                "wait for it to finish or stop it")
+                print(f"taking over {self.path}: process {pid} that held it is gone", file=sys.stderr)
+                os.remove(self.path)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+        finally:
+            os.close(guard)  # and with it the flock
+        return self
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *_):
+        self.release()
+
+
+def _lock_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read(32).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    """Whether process pid runs (not this one: commands are synchronous, so its own old lock is stale)."""
+    if pid == os.getpid() or pid <= 0:  # (0 and negatives name process groups, never a writer)
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -23,13 +23,13 @@ Left out: LLM-written rationales for the known grade (a 135M rater's explanation
 rate.py check; the plain statement here names what changed and quotes it), and any other dataset
 (the functions take any conversation records).
 """
+import cli  # first, so that Ctrl-C while the command starts is one line too (cli.py)
 import random
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-import cli
 import data
 import importers
 
@@ -118,6 +118,8 @@ def make_records(conversations, seed=0, n=None, skip=0, axes=tuple(DAMAGE)):
         raise data.DataError(f"only {len(chosen)} conversations with a reply of {MIN_WORDS}-{MAX_WORDS} words "
                              f"after skipping {skip}; {n} asked for")
     donors = [c["response"].split() for c in usable]  # another conversation's reply, for on_topic
+    if chosen and len({tuple(d) for d in donors}) < 2:  # (the donor draw below would never end)
+        raise data.DataError(f"{len(usable)} usable conversation(s), all with one reply: damage needs two different replies")
     out = []
     for c in chosen:
         words = c["response"].split()
@@ -172,10 +174,13 @@ def check(model_path, records, n=None, seed=0, dtype="bfloat16", batch_size=32):
 
     tok = data.Tokenizer(model_path)
     model = load_model(model_path, dtype=getattr(torch, dtype)).eval()
-    end = tok.eos_id if tok.template != "chatml" else tok.encode("<|im_end|>", bos=False)[-1]
+    turn_end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(tok.template)  # the end of the reply's turn
+    end = tok.encode(turn_end, bos=False)[-1] if turn_end else tok.eos_id
     out = {}
     for axis in sorted({r["axis"] for r in records}):
         recs = [r for r in records if r["axis"] == axis][:n]
+        if len({r["label"] for r in recs}) < 2:  # (a correlation with one grade is nan, not a finding)
+            raise data.DataError(f"axis '{axis}': {len(recs)} record(s) with one grade; the check needs two grades")
         seqs, starts = [], []
         for r in recs:
             ctx = "\n".join(data.turn_lines(r["context"])) + "\nResponse:"
@@ -239,17 +244,24 @@ class CheckConfig:
 
 def make(cfg: MakeConfig):
     """make_records on the conversations of cfg.input (or the chit-chat package), written to cfg.out."""
+    if cfg.n is not None and cfg.n < 1:
+        raise data.DataError(f"--n must be at least 1, got {cfg.n}")
+    data.refuse_overwrite(cfg.out, {"--input file": cfg.input or importers.chitchat_path()})
     if cfg.input:
         convs = data.load_records(cfg.input, kind="conversation")
     else:
         convs, _ = importers.import_conversations("chitchat", [])
     recs = make_records(convs, cfg.seed, cfg.n)
+    if not recs:
+        raise data.DataError(f"no conversation with a reply of {MIN_WORDS}-{MAX_WORDS} words in {cfg.input or 'the package'}")
     data.write_jsonl(recs, cfg.out)
     print(f"{len(recs)} records ({len(recs) // len(DAMAGE)} conversations x {len(DAMAGE)} axes) -> {cfg.out}")
 
 
 def check_command(cfg: CheckConfig):
     """check() on the records of cfg.data, printed as format_check's table."""
+    if cfg.n < 2:
+        raise data.DataError(f"--n must be at least 2 (a correlation needs two records per axis), got {cfg.n}")
     print(format_check(check(cfg.model, data.load_records(cfg.data), cfg.n)))
 
 

@@ -21,10 +21,12 @@ Prompt and target. The prompt is the same for every variant. The base template:
   <s>Rate the response's naturalness (fluent, idiomatic and human-sounding) from 1 to 5.\n\n
   User: Hi there!\nAssistant: Hello, how are you?\nResponse: Fine, thanks.\n\nRating:
 The inst template wraps the same text in <s>[INST] ... [/INST] and puts the cue after it; chatml
-(SmolLM2, Qwen) in <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n; auto, the default,
-takes the one the checkpoint's tokenizer declares, else base.
+(SmolLM2, Qwen) in <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n; llama3 (Llama-3.x) in
+<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n ... <|eot_id|> and the assistant's
+header; auto, the default, takes the one the checkpoint's tokenizer declares, else base.
 Targets follow the cue (pieces for Mistral v1; the decision position is the '▁' before the digit;
-SmolLM2's byte-level BPE splits digits alone too, so there it is the 'Ġ' before the digit):
+the byte-level BPEs of SmolLM2, Llama-3 and Qwen2 never join a space to a digit, so there it is the
+'Ġ' before the digit):
   label          " 4</s>"                                        = ['▁', '4', '</s>']
   rating_first   " 4\nExplanation: Fluent and idiomatic.</s>"    (default: the rating is scored in one pass)
   explain_first  the cue is "Explanation:", the target " Fluent and idiomatic.\nRating: 4</s>"
@@ -32,6 +34,13 @@ SmolLM2's byte-level BPE splits digits alone too, so there it is the 'Ġ' before
 The pseudo-explanation variants replace the explanation's tokens with the same number of tokens
 (within 2): its own words shuffled, words drawn from all explanations' unigram distribution, uniformly
 random vocabulary pieces, or one filler piece repeated.
+
+Hostile input costs little and fails in one line. A JSONL line over MAX_LINE_BYTES (16 MiB) is
+refused while it is read, never built whole; a text field over MAX_FIELD_CHARS (a fixed 1,000,000
+characters, far beyond any context), nesting past MAX_DEPTH, a 5000-digit number or a lone surrogate
+is a bad record like any other (skipped with skip_bad); build_examples drops, untokenised, a record
+whose response and explanation exceed CHARS_PER_TOKEN x max_len characters. The raw lines of one id
+must hold one conversation. No command writes over one of its inputs (refuse_overwrite).
 
 Left out on purpose: downloading anything (point the importers at files you have), the raters
 themselves (rate.py), and model code.
@@ -43,11 +52,13 @@ Commands:
   (python importers.py FORMAT FILE... -o CONVERSATIONS.jsonl   the public datasets' files -> conversations)
   (python demo.py --corpus-only --out demo/   writes the demo corpus alone)
 
-Length: ~810 lines, more than the ~600 the other modules keep to, because the design gives this
-one file the whole data path: records and their checks, aggregation (rate.py must not aggregate),
-the six variants, prompts, examples and batches, and the `data.py` commands over them. What was
+Length: ~1005 lines, more than the ~600 the other modules keep to, because the design gives this
+one file the whole data path: records and their checks (with the bounded readers every command's
+input goes through), aggregation (rate.py must not aggregate), the six variants, prompts, examples
+and batches, and the `data.py` commands over them. What was
 here and is not the data path (the tokenizer, the importers, the demo corpus) has its own file.
 """
+import cli  # first, so that Ctrl-C while the command starts is one line too (cli.py)
 import csv
 import functools
 import gzip
@@ -60,6 +71,7 @@ import random
 import re
 import statistics
 import sys
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -67,7 +79,6 @@ from typing import ClassVar, Literal
 
 import sentencepiece as spm
 
-import cli
 from tokenizer import Tokenizer, TokenizerError  # noqa: F401  (data.Tokenizer, data.TokenizerError: what the modules use)
 
 IGNORE_INDEX = -100  # label of every position that carries no loss: prompt and padding
@@ -78,9 +89,18 @@ AXES = {  # built-in axes and the description each prompt states; users add othe
 }
 VARIANTS = ("label", "explanation", "shuffled", "bow", "random", "filler")
 ORDERS = ("rating_first", "explain_first")
-TEMPLATES = ("auto", "base", "inst", "chatml")  # auto: the checkpoint's own chat format, else base
+CONVERSATION = ("dataset", "context", "response")  # what the lines of one raw item must agree on
+TEMPLATES = ("auto", "base", "inst", "chatml", "llama3")  # auto: the checkpoint's own chat format, else base
 METHODS = ("mean", "median", "majority")
 FILLER = "."  # the filler variant repeats the last piece of encode(FILLER) ('▁.' for Mistral)
+# Bounds on what is read, each far beyond any real record, so that hostile input costs little:
+MAX_FIELD_CHARS = 1_000_000  # characters in one text field (context: all its turns together)
+MAX_ID_CHARS = 1_000         # characters in an id (error messages quote it)
+MAX_LINE_BYTES = 16 * 2**20  # bytes in one JSONL or CSV line; a longer line is refused unread past this
+MAX_DEPTH = 16               # nesting of lists and objects in a record (a raw record needs 3)
+MAX_SIDE_BYTES = 2**20       # bytes in a side file (--axes, rate.py's --prompts-file)
+CHARS_PER_TOKEN = 64         # no tokenizer's pieces average more: build_examples' bound before tokenising
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: JSON may escape one, but no text holds it
 
 
 class DataError(cli.Error, ValueError):
@@ -129,20 +149,95 @@ def train_tokenizer(corpus_path, out_prefix, vocab_size=2000, symbols=()):
 
 def load_axes(axes=None):
     """Built-in AXES plus user ones: a dict, or a JSON file {name: description}, or a text file of
-    'name: description' lines."""
+    'name: description' lines (UTF-8, at most MAX_SIDE_BYTES)."""
     out, path = dict(AXES), axes
     if isinstance(axes, str):
-        with open(axes, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(axes, "file of axis descriptions")
         try:
-            axes = json.loads(text)
-        except json.JSONDecodeError:
+            axes = parse_json(text)
+        except DataError:
             axes = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         if not isinstance(axes, dict) or not all(isinstance(v, str) for v in axes.values()):
             raise DataError(f"{path}: expected {{axis: description}} or 'axis: description' lines")
         axes = {k.strip(): v.strip() for k, v in axes.items()}
+        if not axes or "" in axes:
+            raise DataError(f"{path}: expected {{axis: description}} or 'axis: description' lines, "
+                            + ("found an axis with no name" if axes else "found none"))
     out.update(axes or {})
     return out
+
+
+def read_text(path, what="side file", limit=MAX_SIDE_BYTES):
+    """The UTF-8 text of a small side file (axes, prompting strategies); one DataError naming the
+    file (and line) when it is larger than `limit` bytes or not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise DataError(f"{path}: more than {limit:,} bytes, too large for a {what}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+
+
+def parse_json(text):
+    """json.loads with each way it can fail a DataError: bad syntax, nesting deeper than MAX_DEPTH
+    (or than Python's recursion limit), an integer past Python's 4,300-digit limit."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # int('1' * 5000): Python's limit on integer digits
+        raise DataError(f"a JSON number too long to read ({str(e).split(':')[0]})") from None
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []  # the depth, walked without recursion
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise DataError(f"JSON nested more than {MAX_DEPTH} levels deep")
+        for x in v.values() if isinstance(v, dict) else v:
+            if isinstance(x, (list, dict)):
+                stack.append((x, depth + 1))
+    return value
+
+
+def read_lines(path, encoding="utf-8"):
+    """(line number, text or DataError) for each line of a file (gzip-compressed when its name ends
+    in .gz), a first byte-order mark dropped. A line longer than MAX_LINE_BYTES is a DataError, read
+    no further than that (its rest is skipped in chunks, never built whole); so is one that is not
+    valid `encoding`."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        def readline(size):
+            try:
+                return f.readline(size)
+            except (EOFError, zlib.error) as e:  # a .gz file cut short or damaged
+                raise DataError(f"{path}:{n}: damaged compressed file ({e})") from None
+        for n in itertools.count(1):
+            line = readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):
+                    line = readline(2**20)
+                yield n, DataError(f"line longer than {MAX_LINE_BYTES:,} bytes, the most a record may take")
+                continue
+            try:
+                yield n, line.decode(encoding)
+            except UnicodeDecodeError as e:
+                yield n, DataError(f"not UTF-8 text ({e.reason}); save the file as UTF-8")
+
+
+def _show(v, n=40):
+    """A value of a record as an error message shows it: at most n characters, never built whole."""
+    if isinstance(v, str):
+        return repr(v[:n])[:n]
+    if isinstance(v, (list, dict)):
+        return f"a {type(v).__name__} of {len(v)}"
+    return repr(v)[:n]
 
 
 def _fail(field, msg):
@@ -156,18 +251,28 @@ def _text(rec, field, optional=False):
     if v is None:
         _fail(field, "missing")
     if not isinstance(v, str) or not v.strip():
-        _fail(field, f"must be a non-empty string, got {v!r:.40}")
+        _fail(field, f"must be a non-empty string, got {_show(v)}")
+    _sound(field, v)
     return v.strip()
+
+
+def _sound(field, *texts):
+    """Texts a field may hold: MAX_FIELD_CHARS characters in all, and no lone surrogate (JSON can
+    escape one, '\\ud800', but it is no text: tokenisers and UTF-8 files refuse it)."""
+    if sum(map(len, texts)) > MAX_FIELD_CHARS:
+        _fail(field, f"{sum(map(len, texts)):,} characters, more than the {MAX_FIELD_CHARS:,} a record may hold")
+    if any(SURROGATE.search(t) for t in texts):
+        _fail(field, "holds a lone surrogate (an escape \\ud800-\\udfff that is no character)")
 
 
 def _int(rec, field, lo, hi, what=None):
     v = rec.get(field)
-    if isinstance(v, str) and v.strip().isdigit():  # CSV cells are strings
+    if isinstance(v, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", v):  # CSV cells are strings
         v = int(v)
     if v is None:
         _fail(field, "missing")
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        _fail(field, f"must be an integer {lo}-{hi}{what or ''}, got {v!r:.40}")
+        _fail(field, f"must be an integer {lo}-{hi}{what or ''}, got {_show(v)}")
     return v
 
 
@@ -179,9 +284,14 @@ def check_record(rec, kind="labelled", *, need_explanation=False, axes=None):
         raise DataError(f"expected a JSON object, got {type(rec).__name__}")
     axes = axes if isinstance(axes, dict) else load_axes(axes)
     out = dict(rec)
-    if rec.get("id") is None or str(rec["id"]).strip() == "":
+    if rec.get("id") is None or rec["id"] == "":
         _fail("id", "missing")
+    if isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)) or len(str(rec["id"]).strip()) > MAX_ID_CHARS:
+        _fail("id", f"must be a string (at most {MAX_ID_CHARS} characters) or an integer, got {_show(rec['id'])}")
     out["id"] = str(rec["id"]).strip()
+    _sound("id", out["id"])
+    if not out["id"]:
+        _fail("id", "missing")
     if kind != "golden":
         out["dataset"] = _text(rec, "dataset", optional=True) or "default"
         ctx = rec.get("context", [])
@@ -191,6 +301,7 @@ def check_record(rec, kind="labelled", *, need_explanation=False, axes=None):
         for i, turn in enumerate(ctx):
             if not isinstance(turn, str):
                 _fail("context", f"turn {i + 1} must be a string, got {type(turn).__name__}")
+        _sound("context", *ctx)
         out["context"] = [t.strip() for t in ctx if t.strip()]
         out["response"] = _text(rec, "response")
     if kind in ("labelled", "golden"):
@@ -213,6 +324,7 @@ def check_record(rec, kind="labelled", *, need_explanation=False, axes=None):
         summ = rec.get("summaries") or {}
         if not isinstance(summ, dict) or not all(isinstance(v, str) for v in summ.values()):
             _fail("summaries", "must map axis names to strings")
+        _sound("summaries", *summ, *summ.values())
     return out
 
 
@@ -227,6 +339,11 @@ def _check_rating(r, i, axes):
             _fail("axis", f"unknown axis '{r['axis']}'")
         if r.get("score") is not None:  # null score = a failed rating, counted but not used
             r["score"] = _int(r, "score", 1, r["scale"], f" (scale {r['scale']}) or null")
+        if r.get("explanation") is not None and not isinstance(r["explanation"], str):
+            _fail("explanation", f"must be a string or null, got {_show(r['explanation'])}")
+        _sound("explanation", r.get("explanation") or "")
+        if r.get("sample") is not None:  # rate.py --samples: which answer of one rater and strategy
+            r["sample"] = _int(r, "sample", 0, 10**6)
     except DataError as e:
         raise DataError(str(e).replace("field '", f"field '{f}.", 1)) from None
     return r
@@ -234,47 +351,58 @@ def _check_rating(r, i, axes):
 
 def _rows(path):
     """(line number, record or DataError) for each record of a .jsonl or .csv file. A byte-order
-    mark is accepted; bytes that are not UTF-8 are an error naming the line."""
+    mark is accepted; a line that is not UTF-8, not JSON, nested too deep or longer than
+    MAX_LINE_BYTES is a DataError for that line (read no further than the cap)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    if path.endswith(".csv"):
+        yield from _csv_rows(path)
+        return
+    for n, line in read_lines(path):
+        if isinstance(line, DataError) or line.strip():
+            try:
+                yield n, parse_json(line) if isinstance(line, str) else line
+            except DataError as e:
+                yield n, e
+
+
+def _csv_rows(path):
+    """The rows of a CSV file with a header. The reader cannot resume after a malformed row (a field
+    over csv's 131,072-character limit, say), so that one stops the file: a DataError naming the line."""
+    lines = [0]  # physical lines read so far
+
+    def bounded(f):
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            lines[0] += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lines[0]}: line longer than {MAX_LINE_BYTES:,} characters, the most a record may take")
+            yield line
     try:
-        yield from _decoded_rows(path)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader, line = csv.DictReader(bounded(f)), 2
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise DataError(f"{path}:{lines[0]}: not valid CSV ({e}; write longer texts as JSONL); "
+                                    "the file was read up to here") from None
+                row = {k: v for k, v in row.items() if v not in (None, "")}
+                if str(row.get("context", "")).startswith("["):
+                    try:
+                        row["context"] = parse_json(row["context"])
+                    except DataError:
+                        pass  # a plain string that starts with '['
+                yield line, row
+                line = reader.line_num + 1
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{_first_bad_line(path)}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
 
 
 def _first_bad_line(path):
     """The first line of a file that is not valid UTF-8."""
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return n
-    return "?"
-
-
-def _decoded_rows(path):
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader, line = csv.DictReader(f), 2
-            for row in reader:
-                row = {k: v for k, v in row.items() if v not in (None, "")}
-                if str(row.get("context", "")).startswith("["):
-                    try:
-                        row["context"] = json.loads(row["context"])
-                    except json.JSONDecodeError:
-                        pass  # a plain string that starts with '['
-                yield line, row
-                line = reader.line_num + 1
-        return
-    with open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, DataError(f"not valid JSON ({e.msg}, column {e.colno})")
+    return next((n for n, line in read_lines(path) if isinstance(line, DataError) and "UTF-8" in str(line)), "?")
 
 
 def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kind="labelled",
@@ -282,18 +410,26 @@ def load_records(path, *, skip_bad=False, need_explanation=False, axes=None, kin
     """Read and validate records from a .jsonl or .csv file. The first bad record raises
     DataError('FILE:LINE: ...'), unless skip_bad: then each bad record is skipped and its message
     appended to `skipped` (a list you pass) or, without one, counted in one line on stderr. Duplicate (id, axis) pairs are
-    an error (in 'raw' files several lines per id are normal: aggregate() merges them)."""
+    an error; in 'raw' files several lines per id are normal (aggregate() merges them), but they must
+    hold the same conversation. Bounds (each a bad record): MAX_LINE_BYTES per line, MAX_FIELD_CHARS
+    per text field, MAX_DEPTH of nesting."""
     axes, out, seen, bad = load_axes(axes), [], {}, []
     for line, rec in _rows(path):
         try:
             if isinstance(rec, DataError):
                 raise rec
             rec = check_record(rec, kind, need_explanation=need_explanation, axes=axes)
-            key = (rec["id"], rec.get("axis"))
+            key = (rec["id"], rec.get("axis") if isinstance(rec.get("axis"), str) else None)
             if kind != "raw" and key in seen:
                 _fail("id", f"duplicate id '{rec['id']}'" + (f" for axis '{key[1]}'" if key[1] else "")
-                      + f" (first on line {seen[key]})")
-            seen[key] = line
+                      + f" (first on line {seen[key][0]})")
+            if kind == "raw" and key in seen:
+                first, conversation = seen[key]
+                differs = [k for k in CONVERSATION if rec.get(k) != conversation.get(k)]
+                if differs:
+                    _fail("id", f"'{rec['id']}' holds another conversation than on line {first} (its {differs[0]} "
+                                "differs); one id must name one conversation")
+            seen.setdefault(key, (line, rec))
             out.append(rec)
         except DataError as e:
             if not skip_bad:
@@ -330,10 +466,34 @@ def open_text(path, mode="rt"):
 
 
 def write_jsonl(records, path):
+    """Records as JSON lines, written atomically (cli.write_atomic)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:  # a lone surrogate in an extra
+            for r in records:                                                   # field: written as its JSON escape
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    cli.write_atomic(path, write)
+
+
+def same_file(a, b):
+    """Whether two paths name one file: equal after symlinks and '..' are resolved, or (both existing)
+    the same inode, as a hard link is."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwrite(out, inputs, option="--out"):
+    """A DataError, before anything is written, when the output path `out` is (or resolves to) one
+    of the inputs: {option or role: path or list of paths}."""
+    for name, paths in inputs.items():
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            if path and same_file(out, path):
+                raise DataError(f"{option} {out} is the {name} {path}: writing it would destroy that input; "
+                                "choose another output")
 
 
 # -------------------------------------------------------------------------------------- aggregation
@@ -371,10 +531,15 @@ def consensus(values, method="mean"):
 
 
 def merge_raw(raw_records):
-    """Raw lines with the same id merged into one item: ratings concatenated, summaries combined."""
+    """Raw lines with the same id merged into one item: ratings concatenated, summaries combined.
+    Lines of one id that hold different conversations are a DataError (load_records names the lines)."""
     items = {}
     for r in raw_records:
         it = items.setdefault(str(r["id"]), {**r, "ratings": [], "summaries": {}})
+        differs = [k for k in CONVERSATION if it.get(k) != r.get(k)]
+        if differs:
+            raise DataError(f"id '{r['id']}': two raw records hold different conversations (their {differs[0]} "
+                            "differs); one id must name one conversation")
         it["ratings"] += r.get("ratings") or []
         it["summaries"].update(r.get("summaries") or {})
     return list(items.values())
@@ -500,8 +665,9 @@ def _prompt_body(record, axes, keep_turns=None):
 
 
 def resolve_template(template, tok):
-    """'auto' -> the chat format the tokenizer's checkpoint declares ('chatml' for SmolLM2, 'inst'
-    for Mistral-Instruct), or 'base' when it declares none; any other name is kept."""
+    """'auto' -> the chat format the tokenizer's checkpoint declares ('chatml' for SmolLM2 and Qwen2.5,
+    'llama3' for Llama-3.x, 'inst' for Mistral-Instruct), or 'base' when it declares none; any other
+    name is kept."""
     if template not in TEMPLATES:
         raise DataError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
     return (tok.template or "base") if template == "auto" else template
@@ -516,6 +682,8 @@ def _prompt_ids(tok, record, axes, keep_turns, template, cue):
         return tok.chat(body, template="inst") + tok.spaced(cue)
     if template == "chatml":  # '<|im_start|>user\nbody<|im_end|>\n<|im_start|>assistant\nRating:'
         return tok.chat(body, template="chatml") + tok.continuation(cue)
+    if template == "llama3":  # '...user<|end_header_id|>\n\nbody<|eot_id|>...assistant<|end_header_id|>\n\nRating:'
+        return tok.chat(body, template="llama3") + tok.continuation(cue)
     return tok.encode(f"{body}\n\n{cue}", bos=True)  # base: 'body\n\nRating:'
 
 
@@ -576,7 +744,9 @@ def build_examples(records, tok, variant="label", *, order="rating_first", templ
     tokens of the variant, then EOS; loss is on the target only. The prompt is identical in every
     variant: when an example would exceed max_len, the oldest turns are dropped as if the target
     were the real explanation plus 2 tokens, so no variant's prompt differs. A record whose prompt is
-    too long even without context is dropped (reported on stderr). `pool` = the records whose
+    too long even without context is dropped (reported on stderr); so is, without being tokenised,
+    one whose response and explanation alone hold more than CHARS_PER_TOKEN x max_len characters
+    (and context turns past that many characters are never tokenised). `pool` = the records whose
     explanations give the bow word distribution (default: `records`; pass the training records when
     building validation examples).
 
@@ -599,18 +769,18 @@ def build_examples(records, tok, variant="label", *, order="rating_first", templ
     seps = {"rating_first": tok.continuation("\nExplanation:"), "explain_first": tok.continuation("\nRating:")}
     pseudo = _Pseudo(tok, variant, seed, records if pool is None else pool)
     out, too_long = [], []
+    max_chars = CHARS_PER_TOKEN * max_len  # more characters than this cannot fit in max_len tokens
     for rec in records:
+        if len(rec["response"]) + len(rec.get("explanation") or "") > max_chars:
+            too_long.append(rec["id"])  # never tokenised
+            continue
         rating = tok.spaced(str(rec["label"]))  # ' 4' after the cue
         real = tok.spaced(" ".join(rec["explanation"].split())) if rec.get("explanation") else None
         # the longest target any variant can have for this record fixes the prompt's budget
         budget = len(rating) + 1 + (0 if real is None else max(map(len, seps.values())) + len(real) + 2)
-        n_turns = len(rec["context"])
-        while True:
-            prompt = _prompt_ids(tok, rec, axes, n_turns, template, _cue(order))
-            if len(prompt) + budget <= max_len or n_turns == 0:
-                break
-            n_turns -= 1
-        if len(prompt) + budget > max_len:
+        prompt = _fit_prompt(lambda n: _prompt_ids(tok, rec, axes, n, template, _cue(order)),
+                             rec["context"], max_len - budget, max_chars)
+        if prompt is None:
             too_long.append(rec["id"])
             continue
         if variant == "label":
@@ -630,12 +800,39 @@ def build_examples(records, tok, variant="label", *, order="rating_first", templ
     return out
 
 
+def _fit_prompt(prompt_ids, context, max_tokens, max_chars):
+    """prompt_ids(n) with the most context turns n (the last ones) that keep it within max_tokens,
+    or None when even none does. Turns past max_chars characters are never tried, and n is found by
+    bisection (a prompt grows with its turns): a few tokenisations even for thousands of turns."""
+    n, chars = 0, 0
+    for turn in reversed(context):
+        chars += len(turn)
+        if chars > max_chars:
+            break
+        n += 1
+    prompt = prompt_ids(n)
+    if len(prompt) <= max_tokens:
+        return prompt
+    lo, hi, best = 0, n, None  # hi turns are too many; find the most that fit, below hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        prompt = prompt_ids(mid)
+        if len(prompt) <= max_tokens:
+            lo, best = mid + 1, prompt
+        else:
+            hi = mid
+    return best
+
+
 def text_examples(path, tok, max_len=256):
     """Language-model examples from a plain-text file (pretraining, `train.py --full`): documents are
     separated by blank lines, each encoded as <s> text </s>, all of them concatenated and cut into
     pieces of max_len tokens; every token carries loss."""
-    with open_text(path) as f:
-        docs = [d.strip() for d in re.split(r"\n\s*\n", f.read()) if d.strip()]
+    try:
+        with open_text(path) as f:
+            docs = [d.strip() for d in re.split(r"\n\s*\n", f.read()) if d.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{_first_bad_line(path)}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
     if not docs:
         raise DataError(f"{path}: no text")
     ids = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
@@ -738,7 +935,7 @@ def validate(cfg: ValidateConfig):
                             need_explanation=cfg.need_explanation, axes=cfg.axes)
     finally:  # every bad record, one line each, even when none was good
         print("\n".join(f"error: {b}" for b in bad), file=sys.stderr, end="\n" if bad else "")
-    settings = {(r["dataset"], r.get("axis", "-")) for r in recs}
+    settings = {(r["dataset"], r.get("axis") if isinstance(r.get("axis"), str) else "-") for r in recs}
     print(f"{cfg.file}: {len(recs)} valid {kind} records, {len(bad)} bad; {len(settings)} (dataset, axis) "
           f"settings ({'--kind ' + kind if cfg.kind else 'kind judged from every record; --kind to set it'})")
     if bad:
@@ -747,6 +944,9 @@ def validate(cfg: ValidateConfig):
 
 def aggregate_command(cfg: AggregateConfig):
     """aggregate() on a raw file, its report printed, the records written to cfg.out."""
+    refuse_overwrite(cfg.out, {"raw ratings file": cfg.raw, "--golden file": cfg.golden, "--axes file": cfg.axes})
+    if cfg.max_spread is not None and not 0 <= cfg.max_spread < math.inf:  # (nan fails too)
+        raise DataError(f"--max-spread must be a finite number of at least 0, got {cfg.max_spread}")
     golden = cfg.golden and {(r["id"], r["axis"]): r["label"]
                              for r in load_records(cfg.golden, kind="golden", axes=cfg.axes)}
     records, report = aggregate(load_records(cfg.raw, kind="raw", axes=cfg.axes), cfg.method,
@@ -759,6 +959,8 @@ def aggregate_command(cfg: AggregateConfig):
 
 def preview(cfg: PreviewConfig):
     """The first cfg.n examples of a variant as text, the target in ⟦ ⟧ and the decision position marked ▶."""
+    if cfg.n < 1 or cfg.max_len is not None and cfg.max_len < 1:
+        raise DataError(f"--n and --max-len must be at least 1, got {cfg.n} and {cfg.max_len}")
     tok_path = cfg.tokenizer or os.path.join(os.path.dirname(os.path.abspath(cfg.file)), "tokenizer.model")
     if not os.path.exists(tok_path):
         raise DataError("preview needs --tokenizer PATH (a tokenizer.model or a model folder)")

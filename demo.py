@@ -16,6 +16,7 @@ The experiment (experiment): a SentencePiece tokenizer and a 0.7M-parameter Mist
 model pretrained from scratch on the corpus text, then LoRA with the label and explanation
 variants, each scored on the test split.
 """
+import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
 import os
 import random
 import shutil
@@ -25,7 +26,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import cli
 import data
 import eval as evaluate
 import rate

@@ -22,9 +22,10 @@ first averaged over a variant's seeds), training (train.py).
     python eval.py --model DIR [--adapter DIR] --data FILE [--split all] [--out DIR]  # no adapter: zero-shot
     python eval.py compare runs/grid/* [--out DIR]
 
-Length: ~620 lines for the three things eval.py owns: the metrics (numpy only, readable
+Length: ~660 lines for the three things eval.py owns: the metrics (numpy only, readable
 alone), scoring, and the comparison tables across variants and seeds.
 """
+import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
 import json
 import math
 import os
@@ -37,13 +38,12 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-import cli
 import data
 import lora
 from cli import write_atomic
 from data import ORDERS, TEMPLATES
 from model import generate, load_model
-from runs import DONE, PREDICTIONS, SCORES, Run, fingerprint
+from runs import CONFIG, DONE, PREDICTIONS, SCORES, Run, fingerprint, sha256
 
 METRICS = ("accuracy", "macro_f1", "qwk", "mae", "nll", "ece", "brier")
 N_BINS = 10  # calibration bins
@@ -252,7 +252,23 @@ def write_results(out_dir, rows, metrics):
 
 def run_records(cfg, split):
     """The records of one split of a run's data, filtered as the run was trained (train_config.json)."""
-    return split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg["skip_bad"], cfg.get("axes_file") or None)
+    return split_records(cfg["data"], split, cfg["axes"], cfg["datasets"], cfg.get("skip_bad") is True,
+                         cfg.get("axes_file") or None)
+
+
+# what scoring reads of train_config.json, with the type each must have (a file edited by hand is
+# named with the field, never a KeyError); comparing needs only the first two
+RUN_FIELDS = {"variant": str, "seed": int, "model": str, "data": str, "order": str, "template": str, "max_len": int,
+              "axes": str, "datasets": str}
+
+
+def run_config(run_dir, fields=tuple(RUN_FIELDS)):
+    cfg = Run(run_dir).config
+    for k in fields:
+        kind = RUN_FIELDS[k]
+        if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool):
+            raise EvalError(f"{Run(run_dir).file(CONFIG)}: field {k!r} must be a {kind.__name__}, got {cfg.get(k)!r}")
+    return cfg
 
 
 def open_run(run_dir, checkpoint="best", device="auto", quantize=None):
@@ -262,7 +278,7 @@ def open_run(run_dir, checkpoint="best", device="auto", quantize=None):
     and in the dtype the run trained in when it named one (a bf16 CPU run is scored in bf16, as it
     trained; "auto" keeps load_model's default)."""
     run = Run(run_dir)
-    cfg = run.config
+    cfg = run_config(run_dir)
     if cfg.get("full"):
         raise EvalError(f"{run_dir}: a full (pretraining) run rates nothing; score its checkpoint zero-shot "
                         f"with --model {os.path.join(run_dir, checkpoint)} --data FILE")
@@ -275,14 +291,22 @@ def open_run(run_dir, checkpoint="best", device="auto", quantize=None):
 
 def score_run(run_dir, split="test", checkpoint="best", batch_size=16, device="auto", quantize=None):
     """Score a run folder's checkpoint on a split of its own data; write predictions.jsonl and
-    metrics.json (with the checkpoint's fingerprint) into run_dir/eval-<split>/ and return the metrics."""
+    metrics.json (with the sha256 of the checkpoint and of the data file) into run_dir/eval-<split>/
+    and return the metrics. One scorer per run and split at a time (runs.Run.score_lock)."""
+    with Run(run_dir).score_lock(split):
+        return _score_run(run_dir, split, checkpoint, batch_size, device, quantize)
+
+
+def _score_run(run_dir, split, checkpoint, batch_size, device, quantize):
     model, tok, device, cfg, ckpt = open_run(run_dir, checkpoint, device, quantize)
+    data_sha256 = sha256(cfg["data"])  # before reading it: a change after this is seen as stale later
     records = run_records(cfg, split)
     order = cfg["order"] if cfg["variant"] != "label" else "rating_first"  # as data.build_examples trains it
     rows, metrics = evaluate(model, tok, records, device, batch_size, order=order,
                              template=cfg["template"], max_len=cfg["max_len"], axes=cfg.get("axes_file") or None)
     metrics.update(run=run_dir, checkpoint=ckpt, checkpoint_sha256=fingerprint(ckpt), split=split,
-                   variant=cfg["variant"], seed=cfg["seed"])
+                   variant=cfg["variant"], seed=cfg["seed"], data=cfg["data"], data_sha256=data_sha256,
+                   base_model=cfg["model"])
     Run(run_dir).write_scores(split, rows, metrics)
     return metrics
 
@@ -331,17 +355,21 @@ def _can_score(run, cfg):
 
 def load_grid(runs, split="test"):
     """{variant: {seed: (run_dir, prediction rows sorted by item)}}. Runs not yet scored, whose
-    checkpoint changed since they were scored, or whose predictions.jsonl is corrupt, are scored
-    first (a corrupt file with no checkpoint to score again from is an error naming its line). Runs
-    scored on different items (or gold labels) are refused, never mixed."""
-    grid, ref = {}, None
+    predictions no longer describe what produced them (runs.Run.stale_reason: an edited predictions
+    file, changed data, a changed checkpoint), or whose predictions.jsonl is corrupt, are scored first;
+    without a checkpoint to score again from, that is an error naming the file. Runs scored on
+    different items (or gold labels) are refused, never mixed; runs on different base models are
+    compared with a warning."""
+    grid, ref, bases = {}, None, {}
     for run in runs:
-        cfg = Run(run).config
+        cfg = run_config(run, ("variant", "seed"))
         path = Run(run).predictions(split)
         if not os.path.exists(path):
             print(f"scoring {run} on the {split} split")
             score_run(run, split)
         elif reason := Run(run).stale_reason(split):
+            if not _can_score(run, cfg):
+                raise EvalError(f"{run}: {reason}; it has no checkpoint to score it again from")
             print(f"rescoring {run} on the {split} split: {reason}")
             score_run(run, split)
         try:
@@ -364,14 +392,18 @@ def load_grid(runs, split="test"):
         if cfg["seed"] in seeds:
             raise EvalError(f"{run} and {seeds[cfg['seed']][0]} are both variant {run_group(cfg)}, seed {cfg['seed']}")
         seeds[cfg["seed"]] = (run, rows)
+        bases.setdefault(cfg.get("model"), []).append(run)
     if not grid:
         raise EvalError("no runs to compare")
+    if len(bases) > 1:
+        print("warning: the runs were trained on different base models: "
+              + "; ".join(f"{base} ({len(rs)} runs, e.g. {rs[0]})" for base, rs in bases.items()), file=sys.stderr)
     return grid
 
 
 def run_group(cfg):
     """The column a run goes in: its variant, with '+rw' when trained with --rating-weight."""
-    return cfg["variant"] + ("+rw" if cfg.get("rating_weight") else "")
+    return cfg["variant"] + ("+rw" if cfg.get("rating_weight") is True else "")
 
 
 def paired_bootstrap(diff, n_boot=2000, seed=0):

@@ -10,9 +10,12 @@ A GGUF file is, in order (all little-endian):
     string = length u64 | UTF-8 bytes;  array = item type u32 | count u64 | items
 
 What is here: `read(path)` -> a `GGUF` holding the metadata dict and the tensor infos, with the raw
-bytes of each tensor one `numpy.memmap` slice away. No torch at import time: `tokenizer.py` reads
-vocabularies from here without it. (Named gguf_file, not gguf, so that it never shadows the `gguf`
-package that `transformers` and the tests use as a reference.)
+bytes of each tensor one `numpy.memmap` slice away. The header is not trusted: every length and count
+is checked against the bytes left in the file and a cap (MAX_TENSORS, ...) before it is allocated,
+and the tensors must lie inside the file, aligned (a power of two) and without overlapping. Arrays
+come back as lists (what `tokenizer.py` checks for), at most MAX_ITEMS items in all. No torch at import
+time: `tokenizer.py` reads vocabularies from here without it. (Named gguf_file, not gguf, so that it
+never shadows the `gguf` package that `transformers` and the tests use as a reference.)
 
     import gguf_file
     g = gguf_file.read("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -20,13 +23,18 @@ package that `transformers` and the tests use as a reference.)
     g.tensors["blk.0.attn_q.weight"]     # TensorInfo(name, shape=(576, 576), type=3, offset=...)
     g.tensor("blk.0.attn_q.weight")      # float32 numpy (576, 576), dequantised, still in GGUF row order
 
-For `model.load_model` it also turns a `llama` file into a Hugging Face checkpoint: `config_dict(g)`
-is the `config.json` dict, `hf_tensors(g)` yields each tensor under its Hugging Face name, dequantised
-and with llama.cpp's q/k row permutation undone (`unpermute_qk`). The block layouts of the quantised
+For `model.load_model` it also turns a `llama` or `qwen2` file into a Hugging Face checkpoint:
+`config_dict(g)` is the `config.json` dict (Llama 3.1's RoPE scaling read from its rope_freqs tensor),
+`hf_tensors(g)` yields each tensor under its Hugging Face name, dequantised and, in a `llama` file,
+with llama.cpp's q/k row permutation undone (`unpermute_qk`; llama.cpp's converter does not permute
+Qwen2's q and k). The block layouts of the quantised
 types are drawn next to `dequantize`; `tests/test_gguf.py` checks them bit for bit against the
 `gguf` package.
 """
+import math
 import os
+import re
+import reprlib
 import struct
 from dataclasses import dataclass
 
@@ -44,6 +52,21 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
           10: "<u8", 11: "<i8", 12: "<f8"}  # for fast numeric arrays (token scores, types)
 STRING, ARRAY = 8, 9
+
+# What a header may claim, checked before anything is allocated; every length and count must also fit
+# in the bytes left in the file. The caps are far above any real file (a 405B model has ~1,100
+# tensors and ~40 metadata keys; llama.cpp caps tensor names at 64 bytes and dimensions at 4).
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_NAME = 1 << 16        # bytes in a metadata key or a tensor name
+MAX_DIMS = 4
+MAX_DEPTH = 4             # arrays of arrays of ... (real files nest 1 deep)
+MAX_ITEMS = 1 << 22       # array items in all the metadata (a 262k vocabulary holds ~800k): arrays
+                          # come back as lists, ~8-36 bytes of Python objects an item, so this bounds them
+MAX_ALIGNMENT = 1 << 20   # general.alignment: a power of two up to this (default 32)
+# the fewest bytes one item can take: a metadata pair (key length, type, a 1-byte value), a tensor
+# info (name length, n_dims, type, offset), an array item of type string or array (length / header)
+_MIN_KV, _MIN_TENSOR, _MIN_ITEM = 8 + 4 + 1, 8 + 4 + 4 + 8, {STRING: 8, ARRAY: 4 + 8}
 
 # ggml tensor types this project reads: id -> (name, values per block, bytes per block)
 TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
@@ -86,80 +109,134 @@ class GGUF:
             raise GGUFError(f"{self.path}: tensor {name!r}: {e}") from None
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def short(value, n=100):
+    """repr(value) of bounded size and depth (a few items of a list, the ends of a long string), for
+    messages about a value read from a file."""
+    r = _REPR.repr(value)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 class _Reader:
-    def __init__(self, f, path):
-        self.f, self.path = f, path
+    """Reads the header, refusing any length or count that the rest of the file cannot hold."""
+
+    def __init__(self, f, path, size):
+        self.f, self.path, self.size = f, path, size
+        self.items = 0   # array items read so far
+
+    def left(self):
+        return self.size - self.f.tell()
 
     def take(self, n):
-        b = self.f.read(n)
-        if len(b) != n:
-            raise GGUFError(f"{self.path}: truncated header (wanted {n} bytes at offset {self.f.tell() - len(b)})")
-        return b
+        if n > self.left():
+            raise GGUFError(f"{self.path}: truncated header (wanted {n} bytes at offset {self.f.tell()}, "
+                            f"the file has {self.size})")
+        return self.f.read(n)
 
     def scalar(self, t):
         fmt, size = _SCALARS[t]
         return struct.unpack(fmt, self.take(size))[0]
 
-    def string(self):
-        n = self.scalar(10)
+    def count(self, what, n, item_bytes, cap=None):
+        """A u64 count just read: at most cap, and n items of item_bytes each must fit in the file."""
+        if cap is not None and n > cap:
+            raise GGUFError(f"{self.path}: {what} {n} at offset {self.f.tell() - 8} is more than {cap}")
+        if n * item_bytes > self.left():
+            raise GGUFError(f"{self.path}: truncated header: {what} {n} at offset {self.f.tell() - 8} needs at "
+                            f"least {n * item_bytes} bytes, {self.left()} are left of the file")
+        return n
+
+    def string(self, what="a metadata string", cap=None):
+        n = self.count(f"length of {what}", self.scalar(10), 1, cap)
         try:
             return self.take(n).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise GGUFError(f"{self.path}: a metadata string is not UTF-8 ({e})") from None
+            raise GGUFError(f"{self.path}: {what} is not UTF-8 ({e})") from None
 
-    def value(self, t, key):
+    def value(self, t, key, depth=0):
         if t == STRING:
-            return self.string()
+            return self.string(f"the value of {short(key)}")
         if t == ARRAY:
-            item, n = self.scalar(4), self.scalar(10)
+            if depth == MAX_DEPTH:
+                raise GGUFError(f"{self.path}: metadata key {short(key)} nests arrays more than {MAX_DEPTH} deep")
+            item = self.scalar(4)
+            if item not in _SCALARS and item not in (STRING, ARRAY):
+                raise GGUFError(f"{self.path}: metadata key {short(key)} is an array of unknown value type {item}")
+            n = self.count(f"array length of {short(key)}", self.scalar(10), _MIN_ITEM.get(item) or _SCALARS[item][1])
+            self.items += n
+            if self.items > MAX_ITEMS:
+                raise GGUFError(f"{self.path}: metadata arrays hold more than {MAX_ITEMS} items in all "
+                                f"(at {short(key)})")
             if item in _NUMPY:  # numeric arrays in one read
-                size = np.dtype(_NUMPY[item]).itemsize
-                out = np.frombuffer(self.take(n * size), dtype=_NUMPY[item])
+                out = np.frombuffer(self.take(n * _SCALARS[item][1]), dtype=_NUMPY[item])
                 return out.astype(bool).tolist() if item == 7 else out.tolist()
-            return [self.value(item, key) for _ in range(n)]
+            return [self.value(item, key, depth + 1) for _ in range(n)]
         if t not in _SCALARS:
-            raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {t}")
+            raise GGUFError(f"{self.path}: metadata key {short(key)} has unknown value type {t}")
         return self.scalar(t)
 
 
 def read(path):
-    """Parse the header of a GGUF file; the tensor data stays on disk until `GGUF.raw` maps it."""
+    """Parse the header of a GGUF file; the tensor data stays on disk until `GGUF.raw` maps it. Every
+    length, count and offset is checked against the file's size before it is used, so a damaged or
+    hostile header is a GGUFError naming what is wrong, never a huge allocation."""
     if not os.path.isfile(path):
         raise GGUFError(f"{path}: no such GGUF file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        r = _Reader(f, path)
+        r = _Reader(f, path, size)
         if (magic := f.read(4)) != MAGIC:
             raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected {MAGIC!r})")
         version = r.scalar(4)
         if version not in VERSIONS:
             raise GGUFError(f"{path}: unsupported GGUF version {version} (this reader knows {VERSIONS})")
-        n_tensors, n_kv = r.scalar(10), r.scalar(10)
+        n_tensors = r.count("tensor count", r.scalar(10), _MIN_TENSOR, MAX_TENSORS)
+        n_kv = r.count("metadata count", r.scalar(10), _MIN_KV, MAX_KV)
         metadata = {}
         for _ in range(n_kv):
-            key = r.string()
+            key = r.string("a metadata key", MAX_NAME)
+            if key in metadata:
+                raise GGUFError(f"{path}: metadata key {short(key)} appears twice")
             metadata[key] = r.value(r.scalar(4), key)
         infos = []
         for _ in range(n_tensors):
-            name = r.string()
-            dims = [r.scalar(10) for _ in range(r.scalar(4))]
+            name = r.string("a tensor name", MAX_NAME)
+            n_dims = r.scalar(4)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"{path}: tensor {short(name)} has {n_dims} dimensions (1 to {MAX_DIMS} are possible)")
+            dims = [r.scalar(10) for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), r.scalar(4), r.scalar(10)))
-        align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(align) is not int or not 0 < align <= MAX_ALIGNMENT or align & (align - 1):
+            raise GGUFError(f"{path}: general.alignment {short(align)} is not a power of two up to {MAX_ALIGNMENT}")
         start = -(-f.tell() // align) * align
     tensors = {}
     for name, shape, t, offset in infos:
+        if name in tensors:
+            raise GGUFError(f"{path}: tensor {short(name)} appears twice")
         if t not in TYPES:
-            raise GGUFError(f"{path}: tensor {name!r} has ggml type {t}, which this reader does not support "
+            raise GGUFError(f"{path}: tensor {short(name)} has ggml type {t}, which this reader does not support "
                             f"(supported: {', '.join(n for n, _, _ in TYPES.values())})")
-        _, per_block, block_bytes = TYPES[t]
-        n = int(np.prod(shape, dtype=np.int64))
-        if shape and shape[-1] % per_block:
-            raise GGUFError(f"{path}: tensor {name!r} rows of {shape[-1]} values are not whole {TYPES[t][0]} blocks")
-        nbytes = n // per_block * block_bytes
+        type_name, per_block, block_bytes = TYPES[t]
+        if min(shape) < 1 or shape[-1] % per_block:
+            raise GGUFError(f"{path}: tensor {short(name)} has shape {shape}: rows must be whole {type_name} blocks "
+                            f"of {per_block} values")
+        if offset % align:
+            raise GGUFError(f"{path}: tensor {short(name)} starts at data offset {offset}, not a multiple of the "
+                            f"alignment {align}")
+        nbytes = math.prod(shape) // per_block * block_bytes   # Python ints: no overflow
         if start + offset + nbytes > size:
-            raise GGUFError(f"{path}: truncated file: tensor {name!r} ends at byte {start + offset + nbytes}, "
+            raise GGUFError(f"{path}: truncated file: tensor {short(name)} ends at byte {start + offset + nbytes}, "
                             f"the file has {size}")
         tensors[name] = TensorInfo(name, shape, t, start + offset, nbytes)
+    by_offset = sorted(tensors.values(), key=lambda t: t.offset)
+    for a, b in zip(by_offset, by_offset[1:]):
+        if a.offset + a.nbytes > b.offset:
+            raise GGUFError(f"{path}: tensors {short(a.name)} and {short(b.name)} overlap (bytes {b.offset} to "
+                            f"{min(a.offset + a.nbytes, b.offset + b.nbytes)} belong to both)")
     return GGUF(path, metadata, tensors)
 
 
@@ -285,90 +362,131 @@ def dequantize(raw, type, shape):
     return out.reshape(shape)
 
 
-# ----------------------------------------------------------------------------- llama files as HF checkpoints
+# ----------------------------------------------------------------------------- llama and qwen2 files as HF checkpoints
 
+# general.architecture -> the Hugging Face class; the two store the same tensors (qwen2 adds q/k/v biases)
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 _BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+: the divisor of each rotary frequency (read into the config)
 
 
 def hf_name(name, path="GGUF file"):
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, and so on."""
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, `blk.3.attn_q.bias` -> `...q_proj.bias`."""
     if name in _TOP:
         return _TOP[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.weight"
-    raise GGUFError(f"{path}: tensor {name!r} is not one of a Llama model's (no Hugging Face name for it)")
+    if (len(parts) == 4 and parts[0] == "blk" and re.fullmatch(r"0|[1-9][0-9]{0,5}", parts[1])
+            and parts[2] in _BLOCK and parts[3] in ("weight", "bias")):
+        return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
+    raise GGUFError(f"{path}: tensor {short(name)} is not one of a Llama or Qwen2 model's (no Hugging Face name for it)")
+
+
+# config.json field -> the GGUF metadata key it is read from, "{arch}" standing for general.architecture
+# (model.py names the key in its errors)
+CONFIG_KEYS = {"hidden_size": "{arch}.embedding_length", "intermediate_size": "{arch}.feed_forward_length",
+               "num_hidden_layers": "{arch}.block_count", "num_attention_heads": "{arch}.attention.head_count",
+               "num_key_value_heads": "{arch}.attention.head_count_kv", "head_dim": "{arch}.attention.key_length",
+               "rope_theta": "{arch}.rope.freq_base", "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon",
+               "max_position_embeddings": "{arch}.context_length", "vocab_size": "{arch}.vocab_size",
+               "num_local_experts": "{arch}.expert_count", "bos_token_id": "tokenizer.ggml.bos_token_id",
+               "eos_token_id": "tokenizer.ggml.eos_token_id", "pad_token_id": "tokenizer.ggml.padding_token_id"}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps")
+_DEFAULTS = {"rope_theta": 10000.0, "max_position_embeddings": 4096}
+MAX_ROPE_FREQS = 1 << 12  # values in rope_freqs.weight: head_dim / 2 (64 for Llama 3.1), read before any check
+
+
+def config_keys(g):
+    """CONFIG_KEYS for this file's architecture, plus where its RoPE scaling was read from: a scaling type
+    (refused) or Llama 3.1's rope_freqs tensor."""
+    arch = g.metadata.get("general.architecture")
+    arch = arch if arch in ARCHS else "llama"
+    scaling = f"{arch}.rope.scaling.type"
+    return {**{k: v.format(arch=arch) for k, v in CONFIG_KEYS.items()},
+            "rope_scaling": scaling if g.metadata.get(scaling, "none") != "none" or ROPE_FREQS not in g.tensors
+            else ROPE_FREQS}
 
 
 def config_dict(g):
-    """A Hugging Face `config.json` dict for a `llama` GGUF file (Llama, Mistral and SmolLM2 all are)."""
+    """A Hugging Face `config.json` dict for a `llama` (Llama, Mistral, SmolLM2 all are) or `qwen2` GGUF
+    file. Values are passed on as the file holds them: `model.Config` checks their types and sizes, and
+    refuses a RoPE scaling type or an expert count by name. Llama 3.1's RoPE scaling is no metadata key
+    but the tensor rope_freqs.weight (llama.cpp's converter computes the divisor of each frequency from
+    the four llama3 numbers of config.json): it goes into rope_scaling as {"rope_type": "llama3",
+    "rope_freqs": [...]}, which model.rope_frequencies applies as llama.cpp does."""
     m = g.metadata
     arch = m.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{g.path}: architecture {arch!r} is not supported (only 'llama' GGUF files load)")
-
-    def need(key):
-        if f"llama.{key}" not in m:
-            raise GGUFError(f"{g.path}: metadata lacks 'llama.{key}'")
-        return m[f"llama.{key}"]
-
-    n_heads, hidden = need("attention.head_count"), need("embedding_length")
-    head_dim = m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count") or hidden // n_heads
-    if m.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError(f"{g.path}: rope.dimension_count {m['llama.rope.dimension_count']} != head size {head_dim} "
+    if arch not in ARCHS:
+        raise GGUFError(f"{g.path}: architecture {short(arch)} is not supported (only 'llama' and 'qwen2' GGUF "
+                        "files load)")
+    keys = config_keys(g)
+    d = {"architectures": [ARCHS[arch]], "model_type": arch}
+    for field in CONFIG_KEYS:
+        if keys[field] in m:
+            d[field] = m[keys[field]]
+        elif field in _REQUIRED:
+            raise GGUFError(f"{g.path}: metadata lacks {keys[field]!r}")
+        elif field in _DEFAULTS:
+            d[field] = _DEFAULTS[field]
+    # head size: key_length, else the rotary dimension, else (left out) hidden_size / heads
+    rope_dim = m.get(f"{arch}.rope.dimension_count")
+    d["head_dim"] = d.get("head_dim") or rope_dim
+    if rope_dim is not None and rope_dim != d["head_dim"]:
+        raise GGUFError(f"{g.path}: rope.dimension_count {short(rope_dim)} != head size {short(d['head_dim'])} "
                         "(partial rotary embeddings are not supported)")
-    vocab = m.get("llama.vocab_size") or len(m.get("tokenizer.ggml.tokens", ())) or \
-        (g.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in g.tensors else None)
-    if not vocab:
-        raise GGUFError(f"{g.path}: no vocabulary size (no llama.vocab_size, tokens or token_embd.weight)")
-    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-         "hidden_size": hidden, "intermediate_size": need("feed_forward_length"),
-         "num_hidden_layers": need("block_count"), "num_attention_heads": n_heads,
-         "num_key_value_heads": m.get("llama.attention.head_count_kv", n_heads), "head_dim": head_dim,
-         "rope_theta": float(m.get("llama.rope.freq_base", 10000.0)),
-         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-         "max_position_embeddings": m.get("llama.context_length", 4096),
-         "tie_word_embeddings": "output.weight" not in g.tensors,
-         "torch_dtype": "float32"}   # what the tensors dequantise to
-    if m.get("llama.rope.scaling.type", "none") != "none":  # Config.from_hf turns this down by name
-        d["rope_scaling"] = {"rope_type": m["llama.rope.scaling.type"]}
-    for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                         ("pad_token_id", "padding_token_id")):
-        if f"tokenizer.ggml.{theirs}" in m:
-            d[ours] = m[f"tokenizer.ggml.{theirs}"]
+    if not d.get("vocab_size"):
+        tokens, embd = m.get("tokenizer.ggml.tokens"), g.tensors.get("token_embd.weight")
+        d["vocab_size"] = len(tokens) if isinstance(tokens, list) and tokens else embd.shape[0] if embd else None
+    if not d["vocab_size"]:
+        raise GGUFError(f"{g.path}: no vocabulary size ({arch}.vocab_size, tokens or token_embd.weight)")
+    d["tie_word_embeddings"] = "output.weight" not in g.tensors
+    d["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in g.tensors   # Llama: q, k, v and o
+    d["torch_dtype"] = "float32"   # what the tensors dequantise to
+    if m.get(keys["rope_scaling"], "none") != "none":  # linear, yarn, ...: Config.from_hf turns it down by name
+        d["rope_scaling"] = {"rope_type": m[keys["rope_scaling"]]}
+    elif arch == "llama" and ROPE_FREQS in g.tensors:  # (llama.cpp's qwen2 never reads one: unexpected there)
+        info = g.tensors[ROPE_FREQS]
+        if len(info.shape) != 1 or info.shape[0] > MAX_ROPE_FREQS:
+            raise GGUFError(f"{g.path}: tensor {ROPE_FREQS!r} has shape {info.shape}, not (head_dim / 2,)")
+        d["rope_scaling"] = {"rope_type": "llama3", "rope_freqs": g.tensor(ROPE_FREQS).tolist()}
     return d
 
 
 def unpermute_qk(w, n_heads):
-    """Undo llama.cpp's q/k row permutation: (n_heads * head_dim, in) -> the same shape, in HF order.
+    """Undo llama.cpp's q/k row permutation: (n_heads * head_dim, ...) -> the same shape, in HF order.
 
     Hugging Face rotates the pair (i, i + head_dim/2) of each head; llama.cpp rotates adjacent rows
     (2i, 2i + 1), so its converter reorders each head's rows from [a0 a1 a2 a3 | b0 b1 b2 b3] to
-    [a0 b0 a1 b1 a2 b2 a3 b3] (head_dim 8): w.reshape(n_heads, 2, head_dim/2, in).swapaxes(1, 2).
-    Here the reverse. For k_proj n_heads is the number of *key/value* heads: with GQA the two differ,
-    and using the query head count would scramble k silently.
+    [a0 b0 a1 b1 a2 b2 a3 b3] (head_dim 8): w.reshape(n_heads, 2, head_dim/2, ...).swapaxes(1, 2).
+    Here the reverse. It applies to a weight (rows, in) and to a bias (rows,) alike. For k_proj n_heads
+    is the number of *key/value* heads: with GQA the two differ, and using the query head count would
+    scramble k silently. Only `llama` files are permuted (LlamaModel.modify_tensors in llama.cpp's
+    convert_hf_to_gguf.py); its Qwen2Model writes q and k as Hugging Face stores them.
     """
-    rows, cols = w.shape
+    rows, rest = w.shape[0], w.shape[1:]
+    if type(n_heads) is not int or n_heads < 1 or rows % n_heads or rows // n_heads % 2:
+        raise GGUFError(f"{rows} rows are not {short(n_heads)} heads of an even size")
     head_dim = rows // n_heads
-    if rows % n_heads or head_dim % 2:
-        raise GGUFError(f"{rows} rows are not {n_heads} heads of an even size")
-    w = w.reshape(n_heads, head_dim // 2, 2, cols)   # (heads, pair i, which of the pair, in): GGUF order
-    w = w.swapaxes(1, 2)                             # (heads, 2, head_dim/2, in): first halves, then second
-    return w.reshape(rows, cols)                     # a copy, contiguous
+    w = w.reshape(n_heads, head_dim // 2, 2, *rest)  # (heads, pair i, which of the pair, ...): GGUF order
+    w = w.swapaxes(1, 2)                             # (heads, 2, head_dim/2, ...): first halves, then second
+    return w.reshape(rows, *rest)                    # a copy, contiguous
 
 
 def hf_tensors(g):
-    """Yield (HF name, shape, read) for each tensor of a llama file, in file order, without reading
-    any data: read() dequantises that one tensor to float32 numpy in Hugging Face layout."""
+    """Yield (HF name, shape, read) for each tensor of a llama or qwen2 file, in file order, without
+    reading any data: read() dequantises that one tensor to float32 numpy in Hugging Face layout.
+    rope_freqs.weight of a llama file is not a weight: config_dict has read it."""
     c = config_dict(g)
-    heads = {"q_proj": c["num_attention_heads"], "k_proj": c["num_key_value_heads"]}
+    heads = {"q_proj": c["num_attention_heads"], "k_proj": c.get("num_key_value_heads") or c["num_attention_heads"]}
+    llama = g.metadata.get("general.architecture") == "llama"
     for name, info in g.tensors.items():
+        if llama and name == ROPE_FREQS:
+            continue
         key = hf_name(name, g.path)
-        n_heads = heads.get(key.split(".")[-2]) if len(info.shape) == 2 else None
+        n_heads = heads.get(key.split(".")[-2]) if llama else None
 
         def read(name=name, n_heads=n_heads):
             w = g.tensor(name)

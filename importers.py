@@ -6,42 +6,67 @@ Each format has one function that turns an entry of the release's own files (JSO
 .jsonl.gz; Cornell's two text files) into records {id, dataset, context, response}: the input of
 rate.py. Where a release has whole dialogues (CoQA, Cornell, chit-chat), each is cut at a turn chosen
 by a hash of its id, so the cut is stable and does not depend on file order. A malformed entry is
-reported as 'FILE:LINE: ...' (or 'FILE: item N: ...') and skipped, never dropped silently.
+reported as 'FILE:LINE: ...' (or 'FILE: item N: ...') and skipped, never dropped silently; so is a
+line over data.py's MAX_LINE_BYTES (read no further) or one that is not UTF-8. An output path that is
+(or resolves to) one of the input files is refused before anything is written.
 
 Left out: downloading anything (point the importers at files you have; chit-chat is read from the
 installed `chitchat-dataset` package) and the ratings (rate.py).
 """
+import cli  # first, so that Ctrl-C while the command starts is one line too (cli.py)
 import ast
-import json
+import gzip
 import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-import cli
-from data import DataError, check_record, open_text, stable_hash, write_jsonl
+from data import DataError, check_record, open_text, parse_json, read_lines, refuse_overwrite, stable_hash, write_jsonl
 
 
 def _items(path, key=None):
-    """(where, object or DataError) for each item of a JSON list, a {key: [...]} JSON file or JSONL."""
-    with open_text(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, dict) and key in data:
-        data = data[key]
-    if isinstance(data, list):
-        yield from ((f"{path}: item {i}", x) for i, x in enumerate(data))
+    """(where, object or DataError) for each item of a JSON list, a {key: [...]} JSON file or JSONL
+    (read line by line, each line bounded as data.read_lines bounds it)."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        head = _read(path, f, 4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    doc = None
+    if head == b"[" or head == b"{" and key:  # one JSON document, read whole
+        doc = _try_json(_whole(path))
+        if isinstance(doc, dict):
+            doc = doc.get(key)
+    if isinstance(doc, list):
+        yield from ((f"{path}: item {i}", x) for i, x in enumerate(doc))
         return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    for n, line in read_lines(path):
+        if isinstance(line, DataError) or line.strip():
             try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", DataError(f"not valid JSON ({e.msg})")
+                yield f"{path}:{n}", line if isinstance(line, DataError) else parse_json(line)
+            except DataError as e:
+                yield f"{path}:{n}", e
+
+
+def _whole(path):
+    try:
+        with open_text(path) as f:
+            return _read(path, f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+
+
+def _read(path, f, size=-1):
+    try:
+        return f.read(size)
+    except (EOFError, zlib.error) as e:  # a .gz file cut short or damaged
+        raise DataError(f"{path}: damaged compressed file ({e})") from None
+
+
+def _try_json(text):
+    try:
+        return parse_json(text)
+    except DataError:
+        return None  # not one document: JSON lines
 
 
 # One function per format: a public entry -> conversation records; a malformed entry raises.
@@ -99,25 +124,30 @@ def _cornell_entries(paths):
     if set(files) != {"movie_lines.txt", "movie_conversations.txt"}:
         raise DataError("cornell-movie needs the two files movie_lines.txt and movie_conversations.txt")
     lines = {}
-    with open(files["movie_lines.txt"], encoding="iso-8859-1") as f:
-        for n, row in enumerate(f, 1):
-            fields = row.rstrip("\n").split(" +++$+++ ")
-            if len(fields) != 5:
-                yield f"{files['movie_lines.txt']}:{n}", ValueError(f"expected 5 fields, got {len(fields)}")
-            lines[fields[0]] = fields[-1].strip() if len(fields) == 5 else ""
-    with open(files["movie_conversations.txt"], encoding="iso-8859-1") as f:
-        for n, row in enumerate(f, 1):
-            where, fields = f"{files['movie_conversations.txt']}:{n}", row.rstrip("\n").split(" +++$+++ ")
-            try:
-                ids = ast.literal_eval(fields[3]) if len(fields) == 4 else None
-            except (ValueError, SyntaxError):
-                ids = None
-            if not isinstance(ids, list) or len(ids) < 2:
-                yield where, ValueError("expected 4 fields ending in a list of at least two line ids")
-            elif not all(lines.get(i) for i in ids):
-                yield where, ValueError(f"unknown or empty line id {next(i for i in ids if not lines.get(i))}")
-            else:
-                yield where, {"movie": fields[2], "ids": ids, "turns": [lines[i] for i in ids]}
+    for n, row in read_lines(files["movie_lines.txt"], encoding="iso-8859-1"):
+        where = f"{files['movie_lines.txt']}:{n}"
+        if isinstance(row, DataError):  # a line past the length cap
+            yield where, row
+            continue
+        fields = row.rstrip("\r\n").split(" +++$+++ ")
+        if len(fields) != 5:
+            yield where, ValueError(f"expected 5 fields, got {len(fields)}")
+        lines[fields[0]] = fields[-1].strip() if len(fields) == 5 else ""
+    for n, row in read_lines(files["movie_conversations.txt"], encoding="iso-8859-1"):
+        where = f"{files['movie_conversations.txt']}:{n}"
+        fields = [] if isinstance(row, DataError) else row.rstrip("\r\n").split(" +++$+++ ")
+        try:
+            ids = ast.literal_eval(fields[3]) if len(fields) == 4 else None
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            ids = None
+        if isinstance(row, DataError):
+            yield where, row
+        elif not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, str) for i in ids):
+            yield where, ValueError("expected 4 fields ending in a list of at least two line ids")
+        elif not all(lines.get(i) for i in ids):
+            yield where, ValueError(f"unknown or empty line id {next(i for i in ids if not lines.get(i))}")
+        else:
+            yield where, {"movie": fields[2], "ids": ids, "turns": [lines[i] for i in ids]}
 
 
 def _chitchat(x, seed):  # built by _chitchat_entries: {"id", "messages": [[{"text", "sender"}, ...], ...]}
@@ -142,11 +172,11 @@ def _chitchat_entries(paths):
     """The Chit Chat Challenge's dataset.json ({conversation id: {"messages": [...]}}) -> entries.
     A conversation of one person alone (a single turn) cannot be cut, and is reported as such."""
     for path in paths:
+        text = _whole(path)
         try:
-            with open_text(path) as f:
-                conversations = json.load(f)
-        except ValueError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
+            conversations = parse_json(text)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
         if not isinstance(conversations, dict):
             raise DataError(f"{path}: expected an object of conversations by id (chitchat-dataset's dataset.json)")
         for cid, conv in conversations.items():
@@ -178,7 +208,7 @@ def import_conversations(fmt, paths, *, n=None, seed=0):
             if isinstance(x, Exception):
                 raise x
             new = [check_record(r, "conversation") for r in IMPORTERS[fmt](x, seed)]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # DataError is a ValueError
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:  # DataError is a ValueError
             problems.append(f"{where}: " + (f"missing field {e}" if isinstance(e, KeyError) else str(e)))
             continue
         for r in new:
@@ -211,6 +241,7 @@ def import_command(cfg: ImportConfig):
     """import_conversations() to a JSONL file; each skipped entry is one warning line on stderr."""
     if cfg.n is not None and cfg.n < 1:
         raise DataError(f"--n must be at least 1, got {cfg.n}")
+    refuse_overwrite(cfg.out, {"input file": cfg.files or ([chitchat_path()] if cfg.format == "chitchat" else [])})
     records, problems = import_conversations(cfg.format, cfg.files, n=cfg.n, seed=cfg.seed)
     print("\n".join(f"warning: {m}" for m in problems), file=sys.stderr, end="\n" if problems else "")
     if not records:

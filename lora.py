@@ -289,11 +289,27 @@ def _read_adapter(path):
     for key, default in _UNSUPPORTED.items():
         if cfg.get(key) not in (None, default, [], {}):  # (not `in (False, ...)`: 0 == False)
             raise AdapterError(f"{cfg_file}: {key}={cfg[key]!r} is not supported by lora.py")
+    r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+    if not (isinstance(r, int) and not isinstance(r, bool) and 0 < r <= 1 << 16):
+        raise AdapterError(f"{cfg_file}: r must be a positive integer, got {r!r}")
+    for key, x in (("lora_alpha", alpha), ("lora_dropout", dropout)):  # NaN and infinities fail both tests
+        if not (isinstance(x, (int, float)) and not isinstance(x, bool) and -1e6 < x < 1e6):
+            raise AdapterError(f"{cfg_file}: {key} must be a finite number, got {x!r}")
+    if not 0 <= dropout < 1:
+        raise AdapterError(f"{cfg_file}: lora_dropout must be in [0, 1), got {dropout!r}")
+    targets = cfg["target_modules"]
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{cfg_file}: target_modules must be a list of module names or one regex string")
     try:
         with safe_open(weights_file, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise AdapterError(f"{weights_file}: cannot read ({e})") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"{weights_file}: tensor {key} is {t.dtype}, not a floating-point weight")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{weights_file}: tensor {key} has non-finite values (NaN or infinity)")
     return cfg, tensors, weights_file
 
 

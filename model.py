@@ -1,14 +1,18 @@
-"""A Llama / Mistral decoder in one file, loading and saving Hugging Face-format checkpoints.
+"""A Llama / Mistral / Qwen2 decoder in one file, loading and saving Hugging Face-format checkpoints.
 
-What is here: the `Config` of a Llama-2 or Mistral model (read from a `config.json` of either
-style, or a preset by name), the decoder itself (`Transformer`: RMSNorm, rotary embeddings, grouped-
-query attention through `scaled_dot_product_attention`, SwiGLU MLP), `load_model` / `save_model`
-for a folder of `config.json` + `*.safetensors` shards (`load_model` also reads a llama.cpp `.gguf`
-file, through `gguf_file.py`), and KV-cache `generate`.
+What is here: the `Config` of a Llama-2, Llama-3.x, Mistral or Qwen2(.5) model (read from a
+`config.json` of either style, GGUF metadata or a preset by name; each field's type and size checked
+against a cap that every real model passes), the decoder itself (`Transformer`: RMSNorm, rotary
+embeddings with Llama 3.1's frequency scaling, grouped-query attention through
+`scaled_dot_product_attention`, Qwen2's q/k/v biases, SwiGLU MLP), `load_model` / `save_model` for a
+folder of `config.json` + `*.safetensors` shards (`load_model` also reads a llama.cpp `.gguf` file,
+through `gguf_file.py`), and KV-cache `generate`.
 
 What is not: LoRA (`lora.py`), 4-bit weights (`quant.py`, reached through `load_model(quantize=)`),
-tokenisation (`tokenizer.py`), training (`train.py`). Parameter names are exactly Hugging Face's, so a
-checkpoint loads with no renaming and a saved folder loads in `transformers`.
+tokenisation (`tokenizer.py`), training (`train.py`); other RoPE scalings (yarn, linear, dynamic,
+longrope), sliding-window layers other than Mistral's, mixture-of-experts, MLP biases: refused naming
+the config field. Parameter names are exactly Hugging Face's, so a checkpoint loads with no renaming
+and a saved folder loads in `transformers`.
 
     from model import load_model, generate
     model = load_model("path/to/Mistral-7B-v0.1", device="cuda", dtype="bfloat16")
@@ -17,11 +21,14 @@ checkpoint loads with no renaming and a saved folder loads in `transformers`.
 
     python -m model --smollm2                 # prints where that GGUF file is
 
-Length: ~670 lines: the decoder (~170), loading and saving checkpoints with the checks that
-name a bad file or tensor (~230), and KV-cache generation.
+Length: ~850 lines: the config, the presets and the checks that name a bad field (~235), the decoder
+(~185), loading and saving checkpoints (~260), and KV-cache generation. Loading is long for its checks: a
+damaged or hostile checkpoint fails in one line naming the file and tensor, and the weights' headers
+are checked against the config before a layer is built, so no bad number allocates anything.
 """
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -35,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 import gguf_file
 import cli
 from cli import Error, write_atomic
-from gguf_file import GGUFError
+from gguf_file import GGUFError, short
 from quant import NF4Linear, is_4bit
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -48,10 +55,13 @@ class ModelError(Error, ValueError):
 
 # ----------------------------------------------------------------------------- config
 
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
 @dataclass
 class Config:
     name: str = "custom"
-    arch: str = "llama"               # "llama" or "mistral" (the two decoders differ only in config)
+    arch: str = "llama"               # "llama", "mistral" or "qwen2" (the three decoders differ only in config)
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -60,22 +70,32 @@ class Config:
     n_kv_heads: int | None = None     # grouped-query attention when < n_heads; None: = n_heads
     head_dim: int | None = None       # None: hidden_size // n_heads
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.1+: {"rope_type": "llama3", ...}, see rope_frequencies
     norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     sliding_window: int | None = None  # Mistral v0.1: each token sees itself and the 4095 before it
+    attention_bias: bool = False      # biases on q, k, v (Qwen2: always) and on o (Llama's attention_bias only)
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int | list = 2      # a list (Llama-3.x Instruct): generate() stops at any of them
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"     # the dtype the weights are stored in
 
     def __post_init__(self):
+        _check_config(self)  # types and sizes first: the derived sizes below divide by them
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.hidden_size // self.n_heads
-        if self.arch not in ("llama", "mistral"):
-            raise ModelError(f"unsupported architecture {self.arch!r}: only Llama and Mistral decoders")
+        if self.arch not in ("llama", "mistral", "qwen2"):
+            raise ModelError(f"unsupported architecture {self.arch!r}: only Llama, Mistral and Qwen2 decoders")
+        if self.arch != "llama" and self.attention_bias != (self.arch == "qwen2"):  # a Llama may have them or not
+            raise ModelError(f"attention_bias={self.attention_bias} does not fit a {self.arch} model (Qwen2 has "
+                             "biases on q, k and v; Mistral none)")
         if self.n_heads % self.n_kv_heads:
-            raise ModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ModelError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads "
+                             f"{self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelError(f"head_dim {self.head_dim} is odd (rotary embeddings rotate pairs)")
+        _check_rope_scaling(self)
 
     @classmethod
     def from_name(cls, name):
@@ -85,40 +105,59 @@ class Config:
 
     @classmethod
     def from_hf(cls, d, name="custom"):
-        """Read a Hugging Face `config.json` dict, old style (top-level `rope_theta`, `torch_dtype`)
-        or new (`rope_parameters`, `dtype`)."""
+        """Read a Hugging Face `config.json` dict, old style (top-level `rope_theta`, `rope_scaling`,
+        `torch_dtype`) or new (`rope_parameters`, `dtype`). Values go to the Config as they are; it checks
+        them. What this decoder does not implement (another RoPE scaling, sliding-window layers in a
+        Qwen2 or Llama model, mixture-of-experts, MLP biases) is refused naming the field."""
         if not isinstance(d, dict):
             raise ModelError("expected a JSON object")
         archs = d.get("architectures") or []
-        arch = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}.get(archs[0] if archs else None)
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise _field_error("architectures", "a list of class names", archs)
+        if not isinstance(d.get("model_type", ""), str):
+            raise _field_error("model_type", "a string", d["model_type"])
+        arch = ARCHS.get(archs[0] if archs else None) or {v: v for v in ARCHS.values()}.get(d.get("model_type"))
         if arch is None:
-            arch = {"llama": "llama", "mistral": "mistral"}.get(d.get("model_type"))
-        if arch is None:
-            raise ModelError(f"unsupported architecture {archs[0] if archs else d.get('model_type')!r}: "
-                             "only LlamaForCausalLM and MistralForCausalLM decoders are supported")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+            raise ModelError(f"unsupported architecture {short(archs[0] if archs else d.get('model_type'))}: "
+                             f"only {', '.join(ARCHS)} decoders are supported")
+        where = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = d.get(where) or {}
         if not isinstance(rope, dict):
-            raise ModelError(f"field 'rope_parameters' must be an object, got {rope!r}")
-        _check_fields(d, rope)
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ModelError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
-        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-            if d.get(key, ok) != ok:
-                raise ModelError(f"unsupported {key}={d[key]!r} (expected {ok!r})")
+            raise _field_error(where, "an object", rope)
+        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        if rope_type not in ("default", "llama3"):
+            raise _unsupported(where, rope_type, "RoPE scalings other than Llama-3's 'llama3'", key="rope_type")
+        for key, (ok, what) in _UNIMPLEMENTED.items():
+            if d.get(key) is not None and d[key] not in ok:
+                raise _unsupported(key, d[key], what)
+        if arch == "mistral" and d.get("attention_bias"):  # (transformers' Mistral has none, whatever it says)
+            raise _unsupported("attention_bias", d["attention_bias"], "attention biases in a Mistral model")
+        layer_types = d.get("layer_types") or []
+        if arch != "mistral" and isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+            raise _unsupported("layer_types", layer_types, "sliding-window attention layers")
+        scaling = None
+        if rope_type == "llama3":  # its four numbers; rope_theta is read below, in either style
+            scaling = {"rope_type": "llama3", **{k: v for k, v in rope.items() if k not in ("rope_theta", "type",
+                                                                                            "rope_type")}}
         return cls(
             name=name, arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], n_layers=d["num_hidden_layers"],
             n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"), rope_theta=float(d.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+            head_dim=d.get("head_dim"),
+            rope_theta=d["rope_theta"] if d.get("rope_theta") is not None else rope.get("rope_theta", 10000.0),
+            rope_scaling=scaling,
             norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 4096),
             sliding_window=d.get("sliding_window") if arch == "mistral" else None,
+            attention_bias=arch == "qwen2" or d.get("attention_bias") or False,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
             pad_token_id=d.get("pad_token_id"), torch_dtype=d.get("dtype") or d.get("torch_dtype") or "float32")
 
     def to_hf(self):
         """The `config.json` dict that `transformers` reads back into the same model."""
-        d = {"architectures": ["MistralForCausalLM" if self.arch == "mistral" else "LlamaForCausalLM"],
+        if self.rope_scaling and "rope_freqs" in self.rope_scaling:
+            raise ModelError("RoPE factors read from a GGUF file's rope_freqs tensor have no config.json form")
+        d = {"architectures": [{v: k for k, v in ARCHS.items()}[self.arch]],
              "model_type": self.arch, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
              "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
@@ -126,35 +165,105 @@ class Config:
              "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
              "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
              "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-             "torch_dtype": self.torch_dtype, "attention_bias": False, "mlp_bias": False}
+             "torch_dtype": self.torch_dtype}
+        if self.rope_scaling:
+            d["rope_scaling"] = dict(self.rope_scaling)
         if self.arch == "mistral":
             d["sliding_window"] = self.sliding_window
+        elif self.arch == "qwen2":
+            d.update(use_sliding_window=False, sliding_window=None)
+        else:
+            d.update(attention_bias=self.attention_bias, mlp_bias=False)
         return d
 
 
-# config.json fields and what each must hold: a positive integer, a positive number, or a boolean
-_POSITIVE_INT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_OPTIONAL_POSITIVE_INT = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+# What each Config field must hold, named by its config.json field: sizes are positive integers up to
+# a cap that every real model passes (Llama-3.1-405B: 126 layers, hidden 16384, 128 heads; the largest
+# vocabularies ~262k) and that keeps a damaged config from building a model of absurd size.
+_SIZES = {  # Config field: (config.json field, cap, may be null)
+    "vocab_size": ("vocab_size", 1 << 24, False), "hidden_size": ("hidden_size", 1 << 16, False),
+    "intermediate_size": ("intermediate_size", 1 << 20, False), "n_layers": ("num_hidden_layers", 1024, False),
+    "n_heads": ("num_attention_heads", 1024, False), "n_kv_heads": ("num_key_value_heads", 1024, True),
+    "head_dim": ("head_dim", 4096, True), "max_position_embeddings": ("max_position_embeddings", 1 << 24, True),
+    "sliding_window": ("sliding_window", 1 << 24, True)}
+_FLOATS = {"rope_theta": ("rope_theta", None), "norm_eps": ("rms_norm_eps", 1.0)}  # finite, > 0, < cap
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _check_fields(d, rope):
-    """A wrong type ("64", 2.5, a list) or a size <= 0 is refused here, naming the field, rather than
-    failing later inside torch with a message that names neither the file nor the field."""
-    def positive(key, value, kinds, what):
-        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-            raise ModelError(f"field {key!r} must be {what}, got {value!r}")
-    for key in _POSITIVE_INT:
-        if key in d:
-            positive(key, d[key], int, "a positive integer")
-    for key in _OPTIONAL_POSITIVE_INT:
-        if d.get(key) is not None:
-            positive(key, d[key], int, "a positive integer or null")
-    for key, src in (("rope_theta", d), ("rms_norm_eps", d), ("rope_parameters.rope_theta", rope)):
-        name = key.rsplit(".", 1)[-1]
-        if src.get(name) is not None:
-            positive(key, src[name], (int, float), "a positive number")
-    if not isinstance(d.get("tie_word_embeddings", False), bool):
-        raise ModelError(f"field 'tie_word_embeddings' must be true or false, got {d['tie_word_embeddings']!r}")
+# config.json fields that must hold one of the values this decoder implements: (values, what others ask for)
+_UNIMPLEMENTED = {"hidden_act": (("silu",), "activations other than silu"), "mlp_bias": ((False,), "MLP biases"),
+                  "use_sliding_window": ((False,), "sliding-window attention layers"),
+                  "num_local_experts": ((0,), "mixture-of-experts layers"),
+                  "num_experts": ((0,), "mixture-of-experts layers")}
+
+
+def _unsupported(field, value, what, key=None):
+    """A ModelError naming a config.json field (and the key in it) whose value asks for what is not here."""
+    e = ModelError(f"unsupported {field}{'.' + key if key else ''}={short(value)}: {what} are not implemented")
+    e.field = field
+    return e
+
+
+def _field_error(field, what, value):
+    """A ModelError naming a config.json field; `.field` lets a GGUF caller name its metadata key too."""
+    e = ModelError(f"field {field!r} must be {what}, got {short(value)}")
+    e.field = field
+    return e
+
+
+def _check_config(c):
+    """A wrong type ("64", 2.5, a list, null), a size <= 0 or past its cap, a NaN or infinite float:
+    refused here, naming the field, before any size is used (rather than a traceback inside torch,
+    or a model of 10^8 layers being built)."""
+    for attr, (field, cap, nullable) in _SIZES.items():
+        v = getattr(c, attr)
+        if v is None and nullable:
+            continue
+        if type(v) is not int or not 0 < v <= cap:
+            raise _field_error(field, f"a positive integer up to {cap}" + (" or null" if nullable else ""), v)
+    for attr, (field, cap) in _FLOATS.items():
+        v = getattr(c, attr)
+        try:
+            ok = type(v) in (int, float) and 0 < float(v) < (cap or math.inf)  # NaN compares False
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if not ok:
+            raise _field_error(field, "a finite number > 0" + (f" and < {cap}" if cap else ""), v)
+        setattr(c, attr, float(v))
+    for field in _TOKEN_IDS:
+        v = getattr(c, field)
+        ids = v if field == "eos_token_id" and type(v) is list and 0 < len(v) <= 64 else [v]
+        if v is not None and not all(type(i) is int and -1 <= i < 1 << 32 for i in ids):
+            raise _field_error(field, "a token id (an integer)" + (", a list of up to 64" if field == "eos_token_id"
+                                                                  else "") + " or null", v)
+    for field in ("tie_word_embeddings", "attention_bias"):
+        if type(getattr(c, field)) is not bool:
+            raise _field_error(field, "true or false", getattr(c, field))
+    if not isinstance(c.torch_dtype, str):
+        raise _field_error("torch_dtype", "a string", c.torch_dtype)
+
+
+LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _check_rope_scaling(c):
+    """rope_scaling is None or Llama-3's: its four numbers (config.json), or the divisor of each of the
+    head_dim/2 frequencies as a GGUF file's rope_freqs tensor holds them; anything else names the field."""
+    s = c.rope_scaling
+    if s is None:
+        return
+    keys = ("rope_type", "rope_freqs") if isinstance(s, dict) and "rope_freqs" in s else ("rope_type", *LLAMA3)
+    if not isinstance(s, dict) or s.get("rope_type") != "llama3" or set(s) != set(keys):
+        raise _field_error("rope_scaling", f"an object of {', '.join(keys)} (rope_type 'llama3')", s)
+    numbers = s["rope_freqs"] if "rope_freqs" in s else [s[k] for k in LLAMA3]
+    if not isinstance(numbers, list) or len(numbers) != (c.head_dim // 2 if "rope_freqs" in s else 4) or not all(
+            type(x) in (int, float) and 0 < x < 1e30 for x in numbers):  # (NaN compares False)
+        raise _field_error("rope_scaling", "finite positive numbers" + (f", {c.head_dim // 2} of them (head_dim / 2)"
+                                                                        if "rope_freqs" in s else ""), s)
+    if "rope_freqs" not in s and not (s["factor"] >= 1 and s["low_freq_factor"] < s["high_freq_factor"]
+                                      and type(s["original_max_position_embeddings"]) is int):
+        raise _field_error("rope_scaling", "factor >= 1, low_freq_factor < high_freq_factor and an integer "
+                           "original_max_position_embeddings", s)
 
 
 PRESETS = {
@@ -166,6 +275,16 @@ PRESETS = {
                               max_position_embeddings=32768, sliding_window=4096),
     "mistral-7b-v0.3": Config(name="mistral-7b-v0.3", arch="mistral", vocab_size=32768, intermediate_size=14336,
                               n_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768),
+    "llama-3.1-8b": Config(name="llama-3.1-8b", arch="llama", vocab_size=128256, intermediate_size=14336,
+                           n_kv_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                           bos_token_id=128000, eos_token_id=128001),
+    # the Instruct model's config.json (the base model's differs in eos_token_id and max_position_embeddings)
+    "qwen2.5-7b": Config(name="qwen2.5-7b", arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                         n_layers=28, n_heads=28, n_kv_heads=4, rope_theta=1e6, norm_eps=1e-6,
+                         max_position_embeddings=32768, attention_bias=True, bos_token_id=151643,
+                         eos_token_id=151645),
 }
 
 
@@ -183,10 +302,34 @@ class RMSNorm(nn.Module):
         return self.weight * h.type_as(x)
 
 
-def rope_tables(positions, head_dim, theta):
-    """cos and sin for each position, in fp32: (B, T) positions -> two (B, 1, T, head_dim) tables.
-    Half-rotation layout (the one HF checkpoints are stored for): frequency i sits at i and i + head_dim/2."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_frequencies(c: Config, device=None):
+    """The head_dim/2 rotary frequencies theta^(-2i/head_dim), in fp32, scaled as Llama 3.1+ does where
+    the config says so (rope_scaling "llama3"). Measured in wavelengths 2 pi / frequency: those shorter
+    than original_max_position_embeddings / high_freq_factor are kept, those longer than
+    original_max_position_embeddings / low_freq_factor are stretched `factor` times, and those in between
+    blended smoothly (transformers' _compute_llama3_parameters, in its order of operations). Llama 3.1:
+    head_dim 128, theta 500000, 8192 / 4 and 8192 / 1 tokens: frequencies 0-28 kept, 29-34 blended,
+    35-63 divided by 8. A GGUF file holds the result instead, as the divisor of each frequency (its
+    rope_freqs tensor; llama.cpp divides by it too)."""
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=device).float() / c.head_dim)
+    s = c.rope_scaling
+    if s is None:
+        return inv_freq
+    if "rope_freqs" in s:
+        return inv_freq / torch.tensor(s["rope_freqs"], dtype=torch.float32, device=device)
+    factor, low, high, old = (s[k] for k in LLAMA3)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)                        # 0 at old / low, 1 at old / high
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    between = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(between, blended, scaled)
+
+
+def rope_tables(positions, inv_freq):
+    """cos and sin for each position, in fp32: (B, T) positions, (head_dim/2,) frequencies -> two
+    (B, 1, T, head_dim) tables. Half-rotation layout (the one HF checkpoints are stored for): frequency i
+    sits at i and i + head_dim/2."""
     angles = positions.float()[..., None] * inv_freq    # (B, T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, head_dim)
     return angles.cos(), angles.sin()
@@ -203,10 +346,11 @@ class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.hidden_size, bias=False)
+        bias = c.attention_bias  # Qwen2: on q, k and v; Llama's attention_bias: on o too
+        self.q_proj = nn.Linear(c.hidden_size, c.n_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.hidden_size, bias=bias and c.arch != "qwen2")
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
@@ -287,7 +431,7 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         mask = self._mask(attention_mask, start, T, tokens.device)
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_tables(positions, rope_frequencies(self.config, tokens.device))
 
         x = self.model.embed_tokens(tokens)                                        # (B, T, D)
         for i, block in enumerate(self.model.layers):
@@ -322,35 +466,48 @@ class Transformer(nn.Module):
         return allowed
 
     def n_params(self):
-        """Parameters of the model, counting a 4-bit layer's weight as in x out (it holds no Parameter)."""
+        """Parameters of the model, counting a 4-bit layer's weight as in x out, and its bias (it holds
+        them as buffers, not Parameters)."""
         n = sum(p.numel() for p in self.parameters())
-        return n + sum(m.in_features * m.out_features for m in self.modules()
-                       if is_4bit(m))
+        return n + sum(m.in_features * m.out_features + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+                       for m in self.modules() if is_4bit(m))
 
 
 # ----------------------------------------------------------------------------- loading and saving
+
+MAX_JSON_BYTES = 64 << 20   # config.json is a few KB, a shard index a few hundred
+
+
+def _read_json(path, what):
+    """A JSON file parsed, or one ModelError naming it: too big, not UTF-8, not JSON, nested too deep,
+    or holding an integer too long to convert (Python refuses > 4300 digits)."""
+    if (size := os.path.getsize(path)) > MAX_JSON_BYTES:
+        raise ModelError(f"{path}: {size} bytes is more than {what} can be (at most {MAX_JSON_BYTES})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ModelError(f"{path}: not valid JSON ({(str(e) or type(e).__name__).splitlines()[0]})") from None
+
 
 def _weight_files(path):
     """The safetensors shards of a checkpoint folder, in order, each with the keys it should hold."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ModelError(f"{index}: not a valid safetensors index ({e})") from None
-        if not isinstance(weight_map, dict):
-            raise ModelError(f"{index}: weight_map must be an object of tensor name -> shard file")
+        weight_map = _read_json(index, "a safetensors index")
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ModelError(f"{index}: not a valid safetensors index (no object 'weight_map' of tensor name "
+                             "-> shard file)")
         files = {}
-        for key, shard in weight_map.items():
+        for key, shard in weight_map["weight_map"].items():
             # a shard is a file inside the folder: no absolute path, no way out through '..'
             if (not isinstance(shard, str) or os.path.isabs(shard) or not shard
                     or os.path.normpath(shard).split(os.sep)[0] == os.pardir):
-                raise ModelError(f"{index}: tensor {key!r} is placed in shard {shard!r}, "
+                raise ModelError(f"{index}: tensor {short(key)} is placed in shard {short(shard)}, "
                                  "which is not a file inside the checkpoint folder")
             files.setdefault(os.path.join(path, shard), []).append(key)
         for f in files:
-            if not os.path.exists(f):
+            if not os.path.isfile(f):
                 raise ModelError(f"{f}: shard named in {os.path.basename(index)} is missing")
         return files
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -366,13 +523,9 @@ def load_config(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ModelError(f"{path}: not a checkpoint folder (does not exist or is not a directory)")
-    if not os.path.exists(cfg_path):
+    if not os.path.isfile(cfg_path):
         raise ModelError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-    try:
-        with open(cfg_path) as f:
-            d = json.load(f)
-    except ValueError as e:
-        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    d = _read_json(cfg_path, "a config.json")
     try:
         return Config.from_hf(d, name=os.path.basename(os.path.normpath(path)))
     except KeyError as e:
@@ -394,13 +547,15 @@ def _open_gguf(path):
         raise ModelError(str(e)) from None
     try:
         return g, Config.from_hf(d, name=os.path.splitext(os.path.basename(path))[0])
-    except ModelError as e:  # e.g. a RoPE scaling this decoder does not do
-        raise ModelError(f"{path}: {e}") from None
+    except ModelError as e:  # a size out of range, a RoPE scaling this decoder does not do, ...
+        key = gguf_file.config_keys(g).get(getattr(e, "field", None))
+        where = "tensor" if key == gguf_file.ROPE_FREQS else "metadata"
+        raise ModelError(f"{path}: {e}" + (f" (GGUF {where} {key!r})" if key else "")) from None
 
 
 def _safetensors_tensors(path):
-    """Yield (file, name, shape, read) for every tensor of a folder's shards, reading no data:
-    read() gives the tensor, a view into the shard's memory-mapped file."""
+    """Yield (file, name, shape, dtype, read) for every tensor of a folder's shards, reading no data:
+    read() gives the tensor, a view into the shard's memory-mapped file (while the shard is open)."""
     from safetensors import SafetensorError, safe_open
 
     def read(f, file, key):
@@ -412,16 +567,18 @@ def _safetensors_tensors(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 if keys is not None and (gone := set(keys) - set(f.keys())):
-                    raise ModelError(f"{file}: lacks tensor {sorted(gone)[0]!r} that the index places there")
+                    raise ModelError(f"{file}: lacks tensor {short(sorted(gone)[0])} that the index places there")
                 for key in f.keys():
-                    yield file, key, tuple(f.get_slice(key).get_shape()), lambda f=f, file=file, k=key: read(f, file, k)
+                    s = f.get_slice(key)
+                    yield (file, key, tuple(s.get_shape()), s.get_dtype(),
+                           lambda f=f, file=file, k=key: read(f, file, k))
         except SafetensorError as e:
             raise ModelError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
 
 
 def _gguf_tensors(g):
-    """The same for a GGUF file, under Hugging Face names: read() dequantises one tensor to fp32 and
-    undoes llama.cpp's q/k row permutation."""
+    """The same for a GGUF file, under Hugging Face names: read() dequantises one tensor to fp32 (so
+    every ggml type this reader knows is a float type) and undoes llama.cpp's q/k row permutation."""
     def read(fn):
         try:
             return torch.from_numpy(fn())
@@ -429,9 +586,35 @@ def _gguf_tensors(g):
             raise ModelError(str(e)) from None
     try:
         for key, shape, fn in gguf_file.hf_tensors(g):
-            yield g.path, key, shape, lambda fn=fn: read(fn)
+            yield g.path, key, shape, "F32", lambda fn=fn: read(fn)
     except GGUFError as e:  # a tensor with no Hugging Face name
         raise ModelError(str(e)) from None
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors dtypes that are weights; I64, BOOL, ... are not
+_LAYER = re.compile(r"model\.layers\.(0|[1-9][0-9]{0,5})\.")
+
+
+def _check_weights(config, tensors, path, keys):
+    """What the names, shapes and dtypes of the tensors (their headers) tell before any layer is built:
+    every weight stored as floats (never an integer tensor cast silently), and the config's layer
+    count and embedding size those of the weights (so a config that claims 10^8 layers builds none).
+    `keys` maps a config.json field to the name the file gives it (GGUF metadata keys)."""
+    layers = set()
+    for file, key, shape, dtype, _ in tensors:
+        if dtype not in FLOAT_DTYPES:
+            raise ModelError(f"{file}: tensor {short(key)} is stored as {dtype}, not as floating-point weights "
+                             f"({', '.join(FLOAT_DTYPES)})")
+        if m := _LAYER.match(key):
+            layers.add(int(m.group(1)))
+        if key == "model.embed_tokens.weight" and shape != (config.vocab_size, config.hidden_size):
+            raise ModelError(f"{file}: tensor {key!r} has shape {shape}, but the config says "
+                             f"{keys.get('vocab_size', 'vocab_size')} {config.vocab_size} and "
+                             f"{keys.get('hidden_size', 'hidden_size')} {config.hidden_size}")
+    n = max(layers) + 1 if layers else 0
+    if n != config.n_layers:
+        raise ModelError(f"{path}: the config says {keys.get('num_hidden_layers', 'num_hidden_layers')} "
+                         f"{config.n_layers}, but the weights hold {n} layers")
 
 
 # load_model(quantize=): None keeps the weights in `dtype`; "nf4" stores every *_proj weight in 4 bits
@@ -440,7 +623,8 @@ QUANTIZE = (None, "nf4", "nf4-dq")
 
 
 def load_model(path, device="cpu", dtype=None, quantize=None):
-    """Load a Llama/Mistral model from a Hugging Face-format folder or a llama.cpp .gguf file. The
+    """Load a Llama/Mistral/Qwen2 model from a Hugging Face-format folder or a llama.cpp .gguf file. The
+    tensors' headers are read and checked against the config first (`_check_weights`); then the
     model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
     dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
     weights are never held twice. Unless quantising, a CPU tensor already in `dtype` is not even
@@ -449,14 +633,15 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
     defaults to float32 on CPU and bfloat16 elsewhere."""
     mapped = not _is_gguf(path)  # safetensors shards are memory-mapped; GGUF tensors are dequantised copies
     if mapped:
-        config, tensors = load_config(path), _safetensors_tensors(path)
+        config, tensors, keys = load_config(path), lambda: _safetensors_tensors(path), {}
     else:
         g, config = _open_gguf(path)
-        tensors = _gguf_tensors(g)
+        tensors, keys = lambda: _gguf_tensors(g), gguf_file.config_keys(g)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
     if quantize not in QUANTIZE:
         raise ModelError(f"unknown quantize={quantize!r}; choices: {', '.join(q for q in QUANTIZE if q)}")
+    _check_weights(config, list(tensors()), path, keys)  # headers only: no tensor data is read
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -464,11 +649,11 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
         expected.pop("lm_head.weight")
 
     state, quantized = {}, set()
-    for file, key, shape, read in tensors:
+    for file, key, shape, _, read in tensors():
         if key not in expected:
             if config.tie_word_embeddings and key == "lm_head.weight":
                 continue
-            raise ModelError(f"{file}: unexpected tensor {key!r} for a {config.arch} model")
+            raise ModelError(f"{file}: unexpected tensor {short(key)} for a {config.arch} model")
         if shape != expected[key]:
             raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {expected[key]}")
         t = read()
@@ -486,6 +671,9 @@ def load_model(path, device="cpu", dtype=None, quantize=None):
     if missing:
         raise ModelError(f"{path}: checkpoint lacks tensor {missing[0]!r}" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for key in quantized:  # a 4-bit layer's bias: its buffer, in the compute dtype (as from_weight keeps it)
+        if (bias := state.pop(key[: -len("weight")] + "bias", None)) is not None:
+            model.get_submodule(key[: -len(".weight")]).bias = bias
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -589,11 +777,13 @@ def _sample(logits, temperature, top_p, generator):
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, seed=None,
              insert=None, insert_len=0):
     """Continue each prompt (a list of token ids); prompts may differ in length (they are left-padded).
-    Greedy when temperature is 0. Returns the new tokens of each prompt, up to and without EOS.
+    Greedy when temperature is 0. Returns the new tokens of each prompt, up to and without EOS (eos_id:
+    an id or a list of ids, any of which stops; default the config's eos_token_id).
     insert(logits) -> (B, insert_len) LongTensor, if given, is called once with the logits (B, V)
     that follow the prompts; its tokens are fed before generation starts and are not returned
     (rate.py reads a score from those logits and writes it, so the prompt is read only once)."""
     eos_id = model.config.eos_token_id if eos_id is None else eos_id
+    stop = list(eos_id) if isinstance(eos_id, (list, tuple)) else [] if eos_id is None else [eos_id]  # or several
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -618,9 +808,9 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, eos_
     for _ in range(max_new_tokens):
         nxt = _sample(logits, temperature, top_p, generator)                        # (B,)
         for i in range(B):
-            if not done[i] and nxt[i].item() != eos_id:
+            if not done[i] and nxt[i].item() not in stop:
                 out[i].append(nxt[i].item())
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, torch.tensor(stop, dtype=torch.long, device=device))
         if done.all():
             break
         step_mask = torch.ones(B, 1, dtype=torch.bool, device=device)

@@ -40,22 +40,27 @@ the answer comes in two guided phases of the assistant's turn (with SmolLM2, 240
 
 `rate.py summarize` does the same for the merged explanation ("Explanation: The response" prefilled).
 Results are appended to the raw file batch by batch, so rerunning the same command resumes where a
-crash left off.
+crash left off (only an unterminated last line is taken for a crash's and cut; any other bad line is
+an error). While one rate.py appends, RAW.lock beside the raw file holds its pid and a second one on
+the same file is refused. Options are bounded (LIMITS): a batch of 10^6 or a temperature of nan is
+refused by name rather than run.
 
 Left out: aggregation (`data.py aggregate` averages the scores), any API or remote model, free-form
 answers parsed from text (the digit distribution is read instead, for large raters too), scales whose
 numbers are not one token each after a shared prefix (above 9 for most tokenizers), chat formats other
 than ChatML and `[INST]`, and a retry of ratings already recorded as failed (delete their lines to
-redo them). Strategies beyond the four built in come from `--prompts-file`, a JSON object:
+redo them). Strategies beyond the four built in come from `--prompts-file`, a JSON object (a scale
+of 2-9, so that every score is one digit token):
     {"strict5": {"scale": 5, "instructions": "Be strict.",
                  "examples": [{"axis": "naturalness", "context": ["Hi"], "response": "Hello!",
                                "score": 4, "explanation": "Friendly and fluent."}]}}
 ("examples": true uses the built-in rated examples, which exist for scales 4 and 5).
 
-Length: ~745 lines, one concern: the labelling step. Prompting strategies, prompts cut to fit,
-the two-phase rating, the resumable raw file, the rater check, the summaries and the settings of
-the three commands.
+Length: ~835 lines, one concern: the labelling step. Prompting strategies (checked), prompts cut
+to fit, the two-phase rating, the resumable raw file and its lock, the rater check, the summaries
+and the bounded settings of the three commands.
 """
+import cli  # first, so that Ctrl-C while the command starts is one line too (cli.py)
 import json
 import os
 import random
@@ -71,7 +76,6 @@ from typing import Literal
 
 import torch
 
-import cli
 import data
 from model import DTYPES, generate, load_model
 
@@ -86,6 +90,10 @@ SCORE_CUE = "Score:"                # what the assistant's reply is prefilled wi
 EXPLANATION_CUE = "\nExplanation:"  # fed after the chosen score
 EXPLANATION_START = "The response"  # the explanation's first words, also prefilled ("" for none)
 MAX_SENTENCES = 2                   # an explanation keeps at most this many
+LIMITS = {  # option -> (lowest, highest) accepted: beyond these a run is meaningless or its cost unbounded
+    "batch_size": (1, 1024), "max_new_tokens": (1, 4096), "max_prompt_tokens": (1, 131072),
+    "retries": (0, 20), "samples": (1, 100)}
+MAX_TEMPERATURE = 100.0
 
 
 class RateError(cli.Error, ValueError):
@@ -125,27 +133,60 @@ def builtin_examples(axis, scale):
 
 
 def load_strategies(names, path=None):
-    """The chosen strategies by name: the built-in ones plus those of a JSON file."""
+    """The chosen strategies by name: the built-in ones plus those of a JSON file, each checked
+    (see strategy_problem)."""
     table = dict(STRATEGIES)
     if path:
         try:
-            with open(path) as f:
-                extra = json.load(f)
-        except (OSError, ValueError) as e:
+            text = data.read_text(path, "file of prompting strategies")
+        except OSError as e:
             raise RateError(f"{path}: cannot read prompting strategies ({e})") from None
-        for name, s in (extra.items() if isinstance(extra, dict) else [(None, None)]):
-            if not isinstance(s, dict) or not isinstance(s.get("scale"), int) or s["scale"] < 2:
-                raise RateError(f"{path}: strategy {name!r} needs an integer 'scale' of at least 2")
-            for i, ex in enumerate(s["examples"] if isinstance(s.get("examples"), list) else []):
-                if not all(k in ex for k in ("axis", "context", "response", "score", "explanation")):
-                    raise RateError(f"{path}: strategy {name!r} example {i} needs axis, context, "
-                                    "response, score and explanation")
+        try:
+            extra = data.parse_json(text)
+        except data.DataError as e:
+            raise RateError(f"{path}: cannot read prompting strategies ({e})") from None
+        if not isinstance(extra, dict):
+            raise RateError(f"{path}: expected a JSON object of prompting strategies by name")
+        for name, s in extra.items():
+            problem = strategy_problem(s)
+            if problem:
+                raise RateError(f"{path}: strategy {name!r} {problem}")
             table[name] = s
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in table]
     if unknown:
         raise RateError(f"unknown prompting strategy {unknown[0]!r}; known: {', '.join(table)}")
     return {n: table[n] for n in names}
+
+
+def _int_in(x, lo, hi):
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def strategy_problem(s):
+    """What is wrong with a strategy of --prompts-file, or None: it needs a scale of 2-9 (every score
+    is read as one digit token), may have 'instructions' (a string) and 'examples' (true for the
+    built-in ones, or a list of rated examples, each score on the scale)."""
+    if not isinstance(s, dict):
+        return f"must be an object, got {type(s).__name__}"
+    scale = s.get("scale")
+    if not _int_in(scale, 2, 9):
+        return f"needs an integer 'scale' from 2 to 9 (each score is read as one digit token), got {scale!r:.40}"
+    if not isinstance(s.get("instructions", ""), str):
+        return "has 'instructions' that are not a string"
+    examples = s.get("examples", False)
+    if not isinstance(examples, (bool, list)):
+        return "has 'examples' that are neither true, false nor a list of rated examples"
+    for i, ex in enumerate(examples if isinstance(examples, list) else []):
+        if not isinstance(ex, dict) or not all(k in ex for k in ("axis", "context", "response", "score", "explanation")):
+            return f"example {i} needs axis, context, response, score and explanation"
+        context = [ex["context"]] if isinstance(ex["context"], str) else ex["context"]
+        if not (all(isinstance(ex[k], str) for k in ("axis", "response", "explanation"))
+                and isinstance(context, list) and all(isinstance(t, str) for t in context)):
+            return f"example {i}: axis, response and explanation must be strings, context a string or a list of them"
+        if not _int_in(ex["score"], 1, scale):
+            return f"example {i}: 'score' must be an integer from 1 to {scale}, got {ex['score']!r:.40}"
+    return None
 
 
 def strategy_examples(strategy, axis):
@@ -258,31 +299,55 @@ def parse_explanation(text, start=""):
 # ----------------------------------------------------------------------------- the raw file
 
 def read_jsonl(path, repair=False):
-    """Records of a JSONL file. A last line cut off by a crash is ignored and, with repair=True,
-    truncated away (a complete last line missing its newline gets one), so appending continues
-    cleanly. A bad line anywhere else is an error naming it."""
+    """Records of a raw JSONL file, each checked as far as resuming needs. Only an unterminated last
+    line is taken for one cut off by a crash: it is ignored and, with repair=True, truncated away (a
+    complete one that only lacks its newline gets one), so appending continues cleanly. Any other
+    bad line (not UTF-8, not JSON, not a raw record, longer than data.MAX_LINE_BYTES) is an error
+    naming it, and nothing is changed."""
     if not os.path.exists(path):
         return []
+    records, good, n, last = [], 0, 0, b""  # good: bytes up to the end of the last complete record
     with open(path, "rb") as f:
-        raw = f.read()
-    lines = raw.split(b"\n")  # ends with b"" when the file ends with a newline
-    records, good = [], 0      # good: bytes up to the end of the last complete record
-    for n, line in enumerate(lines, 1):
-        try:
-            if line.strip():
-                records.append(json.loads(line))
-        except ValueError as e:
-            if any(rest.strip() for rest in lines[n:]):
-                raise RateError(f"{path}:{n}: not valid JSON ({e})") from None
-            break
-        good += len(line) + 1
-    if repair and good < len(raw):
+        while line := f.readline(data.MAX_LINE_BYTES + 1):
+            n += 1
+            if len(line) > data.MAX_LINE_BYTES and not line.endswith(b"\n"):
+                raise RateError(f"{path}:{n}: a line longer than {data.MAX_LINE_BYTES:,} bytes, far more than "
+                                "any raw record; nothing was changed")
+            try:
+                if line.strip():
+                    records.append(_raw_record(line))
+            except ValueError as e:
+                if line.endswith(b"\n"):
+                    raise RateError(f"{path}:{n}: {e}; fix or delete the line (nothing was changed)") from None
+                break  # the unterminated last line: cut off by a crash
+            good += len(line)
+            last = line
+    size = os.path.getsize(path)
+    if repair and good < size:
         with open(path, "r+b") as f:
             f.truncate(good)
-    elif repair and raw and not raw.endswith(b"\n"):
+    elif repair and good and not last.endswith(b"\n"):
         with open(path, "ab") as f:
             f.write(b"\n")
     return records
+
+
+def _raw_record(line):
+    """The record of one raw line, or ValueError: rate() reads the keys of its ratings."""
+    try:
+        rec = data.parse_json(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if isinstance(rec.get("id"), bool) or not isinstance(rec.get("id"), (str, int)):
+        raise ValueError("field 'id': must be a string or an integer")
+    ratings = rec.get("ratings", [])
+    if not isinstance(ratings, list) or not all(
+            isinstance(x, dict) and all(isinstance(x.get(k), str) for k in ("axis", "rater", "prompt"))
+            and _int_in(x.get("sample", 0), 0, 10**6) for x in ratings):
+        raise ValueError("field 'ratings': must be a list of ratings, each with a string axis, rater and prompt")
+    return rec
 
 
 def append_lines(path, records):
@@ -297,8 +362,8 @@ def append_lines(path, records):
 
 def cue_ids(tok, text):
     """Ids of text at the start of the assistant's reply, as data.py writes its cues: right after
-    'assistant\\n' in ChatML, after a space following '[/INST]'."""
-    return tok.continuation(text) if (tok.template or "inst") == "chatml" else tok.spaced(text)
+    'assistant\\n' in ChatML and after Llama-3's assistant header, after a space following '[/INST]'."""
+    return tok.continuation(text) if (tok.template or "inst") in ("chatml", "llama3") else tok.spaced(text)
 
 
 def score_tokens(tok, scale):
@@ -483,6 +548,8 @@ def check(cfg):
         raise RateError(f"{cfg.input}: no such file")
     if cfg.n < 2:
         raise RateError(f"--n {cfg.n}: the check needs at least two conversations")
+    data.refuse_overwrite(cfg.out, {"--input": cfg.input, "--raters": cfg.raters, "--prompts-file": cfg.prompts_file,
+                                    "--axes-file": cfg.axes_file})
     records = data.load_records(cfg.input, kind="conversation", axes=axes)[:cfg.n]
     if len(records) < 2:
         raise RateError(f"{cfg.input}: the check needs at least two conversations")
@@ -535,26 +602,35 @@ def rate(cfg):
         raise RateError("--samples above 1 needs --temperature above 0 (greedy samples would be identical)")
     if not os.path.isfile(cfg.input):
         raise RateError(f"{cfg.input}: no such file")
-    if os.path.exists(cfg.out) and os.path.samefile(cfg.out, cfg.input):
+    if data.same_file(cfg.out, cfg.input):
         raise RateError(f"--out {cfg.out} is the --input file: ratings would be appended to the conversations")
+    data.refuse_overwrite(cfg.out, {"--raters": cfg.raters, "--prompts-file": cfg.prompts_file,
+                                    "--axes-file": cfg.axes_file})
     conversations = [{k: c[k] for k in ("id", "dataset", "context", "response")}
                      for c in data.load_records(cfg.input, kind="conversation", axes=axes)]
-    done = {(r["id"], x["axis"], x["rater"], x["prompt"], x.get("sample", 0))
-            for r in read_jsonl(cfg.out, repair=True) for x in r.get("ratings", [])}
     counts = Counter()  # (rater, prompt, "ok" | "failed") -> ratings written by this run
-    for path, name in zip(cfg.raters, names):
-        jobs = [(c, axis, p, k) for c in conversations for axis in axes for p in strategies
-                for k in range(cfg.samples) if (c["id"], axis, name, p, k) not in done]
-        n_all = len(conversations) * len(axes) * len(strategies) * cfg.samples
-        print(f"rater {name}: {len(jobs)} ratings to make, {n_all - len(jobs)} already in {cfg.out}", file=sys.stderr)
-        if jobs:
-            rate_with(path, name, jobs, axes, strategies, cfg, counts)
+    with out_lock(cfg.out):  # one writer at a time: from reading what is done to the last append
+        done = {(str(r["id"]).strip(), x["axis"], x["rater"], x["prompt"], x.get("sample", 0))
+                for r in read_jsonl(cfg.out, repair=True) for x in r.get("ratings", [])}
+        for path, name in zip(cfg.raters, names):
+            jobs = [(c, axis, p, k) for c in conversations for axis in axes for p in strategies
+                    for k in range(cfg.samples) if (c["id"], axis, name, p, k) not in done]
+            n_all = len(conversations) * len(axes) * len(strategies) * cfg.samples
+            print(f"rater {name}: {len(jobs)} ratings to make, {n_all - len(jobs)} already in {cfg.out}", file=sys.stderr)
+            if jobs:
+                rate_with(path, name, jobs, axes, strategies, cfg, counts)
     for name in names:
         for p in strategies:
             print(f"  {name} {p}: {counts[name, p, 'ok']} rated, {counts[name, p, 'failed']} failed", file=sys.stderr)
     n_failed = sum(n for (_, _, status), n in counts.items() if status == "failed")
     print(f"wrote {sum(counts.values())} ratings ({n_failed} failed) to {cfg.out}", file=sys.stderr)
     return counts
+
+
+def out_lock(out):
+    """The lock that keeps a second rate.py from appending to the same raw file (a symlink to it
+    included) while this one runs: a second one is refused with the holder's pid."""
+    return cli.Lock(os.path.realpath(out) + ".lock", what=out)
 
 
 def check_rater(path):
@@ -615,7 +691,7 @@ def known_axes(path=None):
     """data.AXES plus the axes described in `path` (JSON {axis: description} or 'axis: description' lines)."""
     try:
         return data.load_axes(path or None)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # (a bad file is a DataError naming it)
         raise RateError(f"{path}: cannot read axis descriptions ({e})") from None
 
 
@@ -634,7 +710,14 @@ def summarize(cfg):
     if not os.path.isfile(cfg.input):
         raise RateError(f"{cfg.input}: no such file")
     check_rater(cfg.model)
-    if os.path.abspath(out) != os.path.abspath(cfg.input) and not os.path.exists(out):
+    data.refuse_overwrite(out, {"--model": cfg.model, "--axes-file": cfg.axes_file})
+    with out_lock(out):  # one writer at a time: from the copy and the repair to the last append
+        return _summarize(cfg, out)
+
+
+def _summarize(cfg, out):
+    """summarize's work, under the lock of `out`."""
+    if not data.same_file(out, cfg.input) and not os.path.exists(out):
         shutil.copyfile(cfg.input, out)  # a different --out starts as a copy, then gains summaries
     read_jsonl(out, repair=True)  # drop a line cut off by a crash, then read it as data.py does
     axes = known_axes(cfg.axes_file)
@@ -706,6 +789,12 @@ class Generation:
     dtype: Literal[tuple(sorted(DTYPES))] | None = None  # default: float32 on cpu, else bfloat16
 
     def __post_init__(self):
+        for name, (lo, hi) in LIMITS.items():
+            value = getattr(self, name, None)
+            if value is not None and not lo <= value <= hi:
+                raise RateError(f"--{name.replace('_', '-')} must be from {lo} to {hi}, got {value}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # (nan fails too)
+            raise RateError(f"--temperature must be a number from 0 to {MAX_TEMPERATURE}, got {self.temperature}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -16,7 +16,7 @@ Nothing outside this file types these names: train.py, eval.py, analysis.py, stu
 go through `Run`. Left out: what goes into a checkpoint (the caller's `write` function), the
 distributed agreement on a verdict (train.py).
 """
-import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from cli import Error, write_atomic
+from cli import Error, Lock, write_atomic
 
 CONFIG, METRICS, DONE, LOCK = "train_config.json", "metrics.jsonl", "done.json", "lock"
 LAST, BEST, STATE, REPLACED = "last", "best", "state.pt", "replaced"
@@ -39,68 +39,22 @@ class RunError(Error, RuntimeError):
     """A run folder that cannot be written or read as asked; the message says why and what was kept."""
 
 
-class Lock:
-    """`path` holds the pid of the process writing an output, so that two processes never write one.
-    The lock of a process that is gone (killed, crashed machine) is taken over, with a message."""
-
-    def __init__(self, path):
-        self.path, self.held = path, False
-
-    def acquire(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        while not self.held:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _lock_pid(self.path)
-                if pid is not None and _alive(pid):
-                    raise RunError(f"{os.path.dirname(self.path) or '.'} is being written by process {pid} "
-                                   f"(lock file {self.path}); wait for it to finish or stop it") from None
-                print(f"taking over {self.path}: process {pid} that held it is gone", file=sys.stderr)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-        return self
-
-    def release(self):
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            self.held = False
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *_):
-        self.release()
-
-
-def _lock_pid(path):
+def sha256(path):
+    """sha256 of a file's contents (cached per path, size and modification time), None if it is gone."""
     try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
+        st = os.stat(path)
+    except OSError:
         return None
+    return _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
-def _alive(pid):
-    """Whether process pid runs (not this one: a run is synchronous, so its own old lock is stale)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+@functools.lru_cache(maxsize=256)
+def _sha256(path, size, mtime_ns):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fingerprint(ckpt):
@@ -108,11 +62,7 @@ def fingerprint(ckpt):
     for name in WEIGHTS:
         path = os.path.join(ckpt, name)
         if os.path.exists(path):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return h.hexdigest()
+            return sha256(path)
     return None
 
 
@@ -222,16 +172,23 @@ class Run:
         return [CONFIG, DONE, os.path.join(f"eval-{split}", PREDICTIONS), os.path.join(f"eval-{split}", SCORES)]
 
     def stale_reason(self, split):
-        """Why the run's saved predictions no longer describe its checkpoint (None: they do, or there
-        are none). Scores record the checkpoint they came from and its fingerprint; a retrained run
-        changes them. The checkpoint is compared by its name in the run (best, last), so a folder
-        scored from one directory and compared from another is not taken for a changed one."""
+        """Why the run's saved predictions no longer describe what produced them (None: they do, or
+        there are none). Scores record the sha256 of the predictions file, of the data file and of
+        the checkpoint's weights: a hand-edited predictions file, relabelled data or a retrained run
+        changes one of them (scores written before these were recorded are checked for what they
+        record). The checkpoint is compared by its name in the run (best, last), so a folder scored
+        from one directory and compared from another is not taken for a changed one."""
         path = os.path.join(self.eval_dir(split), SCORES)
         if not os.path.exists(path):
             return None
         saved = _read_json(path)
         if not isinstance(saved, dict):
             return f"its {SCORES} is unreadable"
+        if saved.get("predictions_sha256") not in (None, sha256(self.predictions(split))):
+            return f"{self.predictions(split)} is not the file that was scored (edited since)"
+        data = saved.get("data")
+        if saved.get("data_sha256") and data and os.path.exists(data) and sha256(data) != saved["data_sha256"]:
+            return f"its data file {data} has changed since it was scored"
         if "checkpoint" not in saved:
             return None
         try:
@@ -247,10 +204,17 @@ class Run:
     # ------------------------------------------------------------------------- writing
 
     def write_scores(self, split, rows, metrics):
-        """eval-<split>/predictions.jsonl and metrics.json, each written whole or not at all."""
+        """eval-<split>/predictions.jsonl and metrics.json (which records the predictions' sha256),
+        each written whole or not at all."""
         os.makedirs(self.eval_dir(split), exist_ok=True)
-        write_atomic(self.predictions(split), "".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        write_atomic(self.predictions(split), text)
+        metrics = dict(metrics, predictions_sha256=hashlib.sha256(text).hexdigest())
         write_atomic(os.path.join(self.eval_dir(split), SCORES), json.dumps(metrics, indent=2))
+
+    def score_lock(self, split):
+        """The lock a scoring takes on eval-<split>/: one writer of a run's predictions at a time."""
+        return Lock(self.eval_dir(split) + ".lock", what=self.eval_dir(split))
 
     def clear_scores(self, split):
         shutil.rmtree(self.eval_dir(split), ignore_errors=True)
@@ -291,10 +255,13 @@ class Run:
 
     def _check_same(self, settings, defaults, free):
         saved = _read_json(self.file(CONFIG))
-        if saved is None:
-            return
+        if saved is None and not os.path.exists(self.file(CONFIG)):
+            return  # killed before its settings were written: nothing to compare
+        if not isinstance(saved, dict):
+            raise RunError(f"{self.file(CONFIG)}: unreadable (not a JSON object of settings); nothing to check "
+                           "the resume against: --overwrite to start again")
         diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in settings.items()
-                if k not in free and saved.get(k, defaults.get(k)) != v]
+                if k not in free and (k in saved or k in defaults) and saved.get(k, defaults.get(k)) != v]
         if diff:
             raise RunError(f"{self.path}: --resume with settings that differ from the saved run ({'; '.join(diff)}); "
                            f"resume with the saved ones, or --overwrite to start again (free to change on resume: "
@@ -345,6 +312,9 @@ class Run:
             write(tmp)
             if state is not None:
                 torch.save(state, os.path.join(tmp, STATE))
+        except Error:  # the writer's own refusal (non-finite weights, say): nothing is kept
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except (OSError, RuntimeError) as e:  # disk full (torch.save says so as a RuntimeError), read-only
             shutil.rmtree(tmp, ignore_errors=True)
             kept = f"{final} from before is intact" if os.path.exists(final) else f"nothing was saved under {final}"

@@ -44,6 +44,7 @@ Length: ~1,000 lines, one concern: the experiment's stages as methods of `Study`
 its sizes, plan, power arithmetic, pilot, time estimate and log. The work of each stage is in the
 other files; the tiny scripted models of --smoke are demo.py's.
 """
+import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
 import contextlib
 import hashlib
 import io
@@ -69,7 +70,6 @@ import importers
 import eval as evaluate
 import rate
 import train
-import cli
 from cli import Error, write_atomic
 from model import smollm2_path
 from runs import LAST, Run
@@ -207,11 +207,23 @@ def build_dir(path, build):
 
 def _json_ok(path):
     try:
-        with open(path) as f:
-            json.load(f)
+        read_json(path)
         return True
-    except (OSError, ValueError):
+    except (OSError, StudyError):
         return False
+
+
+def read_json(path, kind=dict):
+    """A JSON file of the study's own, as the kind it must be; one StudyError naming it otherwise (a
+    file edited by hand, say)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise StudyError(f"{path}: not valid JSON ({str(e)[:200]}); delete it to redo its stage") from None
+    if not isinstance(value, kind):
+        raise StudyError(f"{path}: expected a JSON {kind.__name__}; delete it to redo its stage")
+    return value
 
 
 class Log:
@@ -510,11 +522,16 @@ class Study:
 
     # -- the run
     def run(self):
+        """Every stage in order, holding the study folder's lock: a second study on the same --out is
+        refused while this one runs (its appends and files would interleave with these)."""
+        with cli.Lock(os.path.join(self.out, "lock"), what=self.out):
+            self._run()
+
+    def _run(self):
         os.makedirs(self.out, exist_ok=True)
         mine = self.settings()
         if os.path.exists(self.p["settings"]):
-            with open(self.p["settings"]) as f:
-                theirs = json.load(f)
+            theirs = read_json(self.p["settings"])
             if theirs != mine:
                 raise StudyError(f"{self.out} holds a study started with other settings "
                                  f"({self.p['settings']}); give another --out")
@@ -558,8 +575,7 @@ class Study:
     def models(self):
         path = self.p["models.json"]
         if not self.stage("models", path, os.path.exists(path)):
-            with open(path) as f:
-                self.model_paths = json.load(f)
+            self.model_paths = read_json(path)
             return
         paths = {}
         for role in ("rater", "student"):
@@ -594,8 +610,7 @@ class Study:
         (unless drop_blind is off): the rater's (rate.py check, then rating on the kept axes) and the
         damage corpora's (damage.check). sources.json, written last, marks the stage done."""
         if not self.stage("ratings", self.p["sources"], _json_ok(self.p["sources"])):
-            with open(self.p["sources"]) as f:
-                self.sources = json.load(f)
+            self.sources = read_json(self.p["sources"])
             return
         sources = {}
         if "rater" in self.size.sources:
@@ -673,8 +688,7 @@ class Study:
                                     s.signal_n, s.seed, "bfloat16" if s.dtype == "bfloat16" else "float32"),
                        self.p["signal"])
             self.log("ratings", "unit", "damage checked")
-        with open(self.p["signal"]) as f:
-            signal = json.load(f)
+        signal = read_json(self.p["signal"])
         print("  " + damage.format_check(signal).replace("\n", "\n  "))
         kept = [a for a in s.damage_axes if signal[a]["signal"] or not s.drop_blind]
         for n in s.train_sizes:
@@ -930,8 +944,9 @@ def format_check(path):
     half-width scaled from z 1.96 to Z_FAMILY: four strategies tested at 95% together)."""
     if not _json_ok(path):
         return "rater check: not run", []
-    with open(path) as f:
-        rows = json.load(f)["rows"]
+    rows = read_json(path).get("rows")
+    if not isinstance(rows, list):
+        raise StudyError(f"{path}: no list of 'rows'; delete it to check the rater again")
     lines = [f"rater check (AUC of the expected score, real response vs a copy made worse on the axis; 0.5 = blind; "
              f"an axis is kept when one strategy's AUC is above 0.5 + the chance half-width x {Z_FAMILY / 1.96:.2f}):"]
     lines += [f"  {r['axis']:18} {r['prompt']:16} {r['auc']:.2f} (chance +- {r['half_width_at_chance']:.2f}, "

@@ -21,6 +21,7 @@ files (runs.py).
 Length: ~620 lines, one concern: a training run as a user launches it. Its config and checks, the
 stages of `run` in the order they happen, the grid of variants x seeds and the command line.
 """
+import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
 import contextlib
 import math
 import os
@@ -37,7 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import cli
 import data
 import lora
 import runs
@@ -175,8 +175,10 @@ HOW = ("resume", "overwrite", "dry_run")  # how the command treats the folder, n
 
 def saved_settings(cfg):
     """The settings as train_config.json stores them: absolute paths, so that eval.py and analysis.py
-    find the base and the data from anywhere."""
-    return asdict(replace(cfg, model=os.path.abspath(cfg.model), data=os.path.abspath(cfg.data)))
+    find the base and the data from anywhere, and the data file's sha256, so that a --resume on data
+    whose contents changed under the same name is refused."""
+    settings = asdict(replace(cfg, model=os.path.abspath(cfg.model), data=os.path.abspath(cfg.data)))
+    return dict(settings, data_sha256=runs.sha256(cfg.data))
 
 
 def claim_out(cfg, rank, world):
@@ -201,8 +203,13 @@ def claim_out(cfg, rank, world):
 
 def weights(cfg, model):
     """What a checkpoint holds: the adapter in PEFT's format, or with --full the whole model and its
-    tokenizer. Returns the function that writes it into a folder."""
+    tokenizer. Returns the function that writes it into a folder; weights that are not all finite are
+    never written (the checkpoint already on disk stays)."""
     def write(folder):
+        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainError(f"{bad}: non-finite weights; not saved. Last good checkpoint: "
+                             f"{Run(cfg.out).latest() or 'none yet'}")
         if cfg.full:
             save_model(model, folder)
             shutil.copy(os.path.join(cfg.model, "tokenizer.model"), folder)
@@ -237,8 +244,8 @@ def load_data(cfg, tok):
 def estimate_memory(model_cfg, n_trainable, cfg, dtype):
     """A rough peak-memory estimate in bytes: weights, LoRA + AdamW state, activations."""
     c = model_cfg
-    n_base = sum(v for v in (c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2),) ) + \
-        c.n_layers * (c.hidden_size * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.hidden_size * c.intermediate_size)
+    with torch.device("meta"):  # every base weight, counted (tied embeddings once, q/k/v biases), none stored
+        n_base = Transformer(c).n_params()
     # bytes per weight: 4-bit codes + an fp32 scale per 64 (nf4), or an 8-bit scale + fp32 per 256 of those (nf4-dq)
     per = {"nf4": 0.5 + 4 / 64, "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}.get(cfg.quantize, torch.finfo(dtype).bits / 8)
     weights = n_base * per
@@ -267,14 +274,26 @@ def peak_flops(device):
 
 # ----------------------------------------------------------------------------- the run, stage by stage
 
+# every number a run takes, with the range it must lie in: (low, high, whether low itself is allowed);
+# NaN and infinities fail every comparison, so they are refused here too, before anything is written
+RANGES = {"rank": (0, 4096, False), "alpha": (0, 1e6, False), "lora_dropout": (0, 1 - 1e-9, True),
+          "lr": (0, 10, False), "min_lr_ratio": (0, 1, True), "warmup": (0, 1 - 1e-9, True),
+          "weight_decay": (0, 10, True), "grad_clip": (0, 1e6, True), "batch_size": (0, 1 << 20, False),
+          "micro_batch": (0, 1 << 20, False), "epochs": (0, 1e6, False), "steps": (0, 1 << 40, True),
+          "max_len": (0, 1 << 24, False), "val_every": (0, 1 << 40, False), "save_every": (0, 1 << 40, False),
+          "log_every": (0, 1 << 40, False)}
+
+
 def check_options(cfg, world):
     if cfg.variant not in data.VARIANTS:
         raise TrainError(f"unknown variant {cfg.variant!r}; variants: {', '.join(data.VARIANTS)}")
-    for name in ("rank", "micro_batch", "batch_size", "lr", "max_len", "epochs", "val_every", "save_every", "log_every"):
-        if not getattr(cfg, name) > 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.steps < 0:
-        raise TrainError(f"--steps must be positive (or 0: as many as --epochs gives), got {cfg.steps}")
+    for name, (low, high, closed) in RANGES.items():
+        x = getattr(cfg, name)
+        if not (isinstance(x, (int, float)) and (low <= x if closed else low < x) and x <= high):
+            where = f"{'[' if closed else '('}{low:g}, {high:g}]"
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number in {where}, got {x}")
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume and --overwrite contradict each other: continue the run, or replace it")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise TrainError(f"--out {cfg.out} is a file, not a run folder")
     if cfg.batch_size < world:
@@ -450,6 +469,9 @@ def validate_and_keep_best(loop, val_ex, tok, step, best):
     if loop.rank == 0:
         last_val = validate(loop.model, val_ex, tok, loop.cfg, loop.device, loop.autocast)
         loop.log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
+        if not math.isfinite(last_val["val_loss"]):  # best/ and last/ keep the last finite model
+            raise TrainError(f"step {step}: non-finite validation loss; stopped. Last good checkpoint: "
+                             f"{loop.run.latest() or 'none yet'}")
         loop.run.log({"step": step, **last_val})
         if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
             best = [last_val["val_acc"], -last_val["val_loss"]]
@@ -523,6 +545,9 @@ def run(cfg, loss_hook=None):
     run_dir = claim_out(cfg, rank, world)
     stop = Interrupt(enabled=world == 1)  # Ctrl-C ends the run after the step in progress, with a checkpoint
     try:
+        if run_dir.finished:  # --resume of a finished run: nothing to do, and done.json stays as it is
+            log(f"{cfg.out}: finished already ({runs.DONE}); nothing to resume")
+            return {k: v for k, v in (run_dir.done or {}).items() if k.startswith("val_")} or None
         loop = setup(cfg, run_dir, model, device, dtype, rank, world, loss_hook)
         # resume: the checkpoint first, then the record of the settings (checked equal by claim_out)
         step, best = resume(loop)
@@ -600,7 +625,11 @@ COMMANDS = {"run": cli.Command(TrainConfig, run, "train one run (the default: tr
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # a shortcut for `python demo.py`, run as its own program: train.py never imports the demo
-        return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")])
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the demo's to report (it gets it too)
+        try:
+            return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")])
+        finally:
+            signal.signal(signal.SIGINT, old)
     return cli.main("train.py", __doc__, COMMANDS, argv, default="run")
 
 

@@ -85,7 +85,7 @@ def test_hooked_states_equal_blocks_stepped_by_hand(tmp_path):
             final = ours(x, logits_at=pos)
         assert not ours.model.layers[0]._forward_hooks  # removed on exit
         h = ours.model.embed_tokens(x)                                                  # (B, T, D)
-        cos, sin = M.rope_tables(torch.arange(12).expand(3, 12), ours.config.head_dim, ours.config.rope_theta)
+        cos, sin = M.rope_tables(torch.arange(12).expand(3, 12), M.rope_frequencies(ours.config))
         for i, block in enumerate(ours.model.layers):
             h = block(h, cos, sin, None)
             assert torch.equal(rec["hidden"][i], h[rows, pos])

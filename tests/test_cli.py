@@ -98,3 +98,72 @@ def test_every_command_lists_its_subcommands_in_help(module, capsys):
     assert out.startswith("usage: ")
     for s in subcommands:
         assert f"\n  {s}" in out, f"{module}.py --help does not list {s}"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTENDER = """
+import sys, time
+import cli
+path, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    cli.Lock(path).acquire()
+    print("won", flush=True)
+    time.sleep(1.0)
+except cli.Error:
+    print("refused", flush=True)
+"""
+
+
+def test_a_dead_holders_lock_is_taken_over_by_exactly_one_contender(tmp_path):
+    """The takeover raced: two trainings both held a dead process's lock in 3 of 25 trials."""
+    import subprocess
+    import sys
+    import time
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(3):
+        path = tmp_path / f"t{trial}" / "lock"
+        path.parent.mkdir()
+        path.write_text(str(dead.pid))
+        start = time.time() + 0.6  # every contender starts its attempt at the same moment
+        procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(path), str(start)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+        outcomes = sorted(p.communicate()[0].strip() for p in procs)
+        assert outcomes == ["refused"] * 3 + ["won"], (trial, outcomes)
+
+
+def test_a_second_study_on_one_folder_is_refused(tmp_path, capsys):
+    """Two study.py on one --out interleaved their appends (80 of 96 ratings duplicated)."""
+    import subprocess
+    import sys
+    import study
+    out = tmp_path / "study"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, cli; cli.Lock(sys.argv[1]).acquire(); "
+                               "print('held', flush=True); time.sleep(30)", str(out / "lock")], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert study.main(["--smoke", "--out", str(out), "--results", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"being written by process {holder.pid}" in err
+        assert os.listdir(out) == ["lock"]  # nothing of the study was written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("command", [["train.py", "--help"], ["study.py", "--dry-run"], ["eval.py", "--run", "nowhere"]])
+def test_ctrl_c_while_a_command_starts_is_one_line(command):
+    """Ctrl-C during start-up (torch takes a second or more to import) printed a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    p = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(0.25)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err[-500:]

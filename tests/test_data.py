@@ -430,7 +430,7 @@ def test_import_hh_rlhf(tmp_path):
     assert [r["dataset"] for r in records] == ["hh-rlhf-chosen", "hh-rlhf-rejected"]
     assert records[0]["context"] == ["¿Qué hora es?", "Son las doce.", "¿Seguro?"] and records[0]["response"] == "Sí."
     assert records[0]["id"].startswith("hh-chosen-") and records[1]["id"].startswith("hh-rejected-")
-    assert problems == [f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+    assert problems == [f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes, column 2)",
                         f"{path}:3: chosen: no 'Human:' turn followed by a final 'Assistant:' turn"]
 
 
@@ -580,7 +580,7 @@ def test_cli(tmp_path, demo, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     qa = write(tmp_path / "qa.jsonl", [{"qid": "1", "questionText": "Why?", "answers": [{"answerText": "So."}]}, "{"])
     assert importers.main(["amazonqa", qa, "-o", out]) == 0
-    assert capsys.readouterr().err == f"warning: {qa}:2: not valid JSON (Expecting property name enclosed in double quotes)\n"
+    assert capsys.readouterr().err == f"warning: {qa}:2: not valid JSON (Expecting property name enclosed in double quotes, column 1)\n"
     assert data.main(["validate", out]) == 0 and "1 valid conversation records" in capsys.readouterr().out
 
 

@@ -402,7 +402,7 @@ def test_compare_rescores_a_corrupt_prediction_file_from_the_checkpoint(demo, tm
     _corrupt(path, 2, '{"id": "truncated', )
     grid = ev.load_grid([run])
     out = capsys.readouterr().out
-    assert f"rescoring {run}" in out and f"{path}: line 2: not valid JSON" in out
+    assert f"rescoring {run}" in out and f"{path} is not the file that was scored" in out  # (its sha256)
     assert read(path) == good and len(grid["explanation"][0][1]) == len(good.splitlines())
 
 
@@ -435,3 +435,95 @@ def test_compare_skips_unfinished_runs_unless_allowed(grid, tmp_path, capsys):
         os.remove(os.path.join(r, "done.json"))
     assert ev.main(["compare", *runs, "--out", str(tmp_path / "cmp3")]) == 2
     assert "no finished run folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- nothing silently wrong (issue 29)
+
+def test_compare_rescores_after_the_data_labels_change(demo, tmp_path, capsys):
+    """Predictions are tied to the data file's contents: relabelled data (same path) is scored again,
+    so the reported accuracy is the new labels', not the old ones' (0.130 vs 0.426 in the probe)."""
+    tok = data.Tokenizer(demo["tokenizer"])
+    records = read_jsonl(demo["train"])
+    path = str(tmp_path / "train.jsonl")
+    data.write_jsonl(records, path)
+    run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, path)
+    ev.score_run(run)
+    data.write_jsonl([dict(r, label=1 + r["label"] % 5) for r in records], path)  # every label changed
+    assert "has changed since it was scored" in Run(run).stale_reason("test")
+    grid = ev.load_grid([run])
+    assert "rescoring" in capsys.readouterr().out
+    rows = grid["explanation"][0][1]
+    relabelled = {(r["id"], r["axis"]): r["label"] for r in read_jsonl(path)}
+    assert all(r["gold"] == relabelled[r["id"], r["axis"]] for r in rows)
+
+
+def test_a_hand_edited_predictions_file_is_rescored_or_refused(demo, tmp_path, capsys):
+    tok = data.Tokenizer(demo["tokenizer"])
+    run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])
+    ev.score_run(run)
+    path = Run(run).predictions("test")
+    honest = read_jsonl(path)
+    forged = [dict(r, predicted=r["gold"]) for r in honest]  # accuracy 1.000
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in forged)
+    assert "edited since" in Run(run).stale_reason("test")
+    rows = ev.load_grid([run])["explanation"][0][1]
+    assert "rescoring" in capsys.readouterr().out
+    key = lambda r: (r["id"], r["axis"])  # noqa: E731
+    assert sorted(rows, key=key) == sorted(honest, key=key)  # the checkpoint's own predictions again
+    with open(path, "w") as f:  # and with no checkpoint to score again from: refused, by name
+        f.writelines(json.dumps(r) + "\n" for r in forged)
+    shutil.rmtree(os.path.join(run, "best"))
+    (tmp_path / "run" / "done.json").write_text("{}")
+    assert ev.main(["compare", run, "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "edited since" in err and "no checkpoint" in err
+
+
+def test_runs_on_different_base_models_are_compared_with_a_warning(grid, capsys):
+    _, runs = grid
+    for i, run in enumerate(runs):
+        cfg = json.load(open(os.path.join(run, "train_config.json")))
+        with open(os.path.join(run, "train_config.json"), "w") as f:
+            json.dump(dict(cfg, model=f"/models/base-{i % 2}"), f)
+    ev.load_grid(runs)
+    err = capsys.readouterr().err
+    assert "warning: the runs were trained on different base models" in err and "/models/base-1" in err
+
+
+@pytest.mark.parametrize("field,value,says", [("lora_alpha", float("nan"), "lora_alpha must be a finite number"),
+                                              ("lora_alpha", "8", "lora_alpha must be a finite number"),
+                                              ("r", 0, "r must be a positive integer"),
+                                              ("weights", float("nan"), "non-finite values")])
+def test_an_adapter_with_non_finite_weights_or_settings_is_refused(demo, tmp_path, capsys, field, value, says):
+    """A NaN lora_alpha was scored silently (accuracy 0.000, nll nan without a word)."""
+    tok = data.Tokenizer(demo["tokenizer"])
+    run, base = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])
+    adapter = os.path.join(run, "best")
+    if field == "weights":
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        next(iter(tensors.values()))[0, 0] = value
+        save_file(tensors, os.path.join(adapter, "adapter_model.safetensors"))
+    else:
+        cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+        with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+            json.dump(dict(cfg, **{field: value}), f)
+    assert ev.main(["--model", base, "--adapter", adapter, "--data", demo["train"]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
+
+
+@pytest.mark.parametrize("edit", [{"variant": 5}, {"seed": "0"}, {"max_len": None}, {"model": ["x"]}, "[1, 2]",
+                                  '{"variant": "label", "seed": 0, "model": "m", "data": "d", "order": "rating_first"'])
+def test_a_hand_edited_train_config_is_one_line(demo, tmp_path, capsys, edit):
+    tok = data.Tokenizer(demo["tokenizer"])
+    run, _ = fake_run(tmp_path, demo["tokenizer"], tok.vocab_size, demo["train"])
+    path = os.path.join(run, "train_config.json")
+    text = edit if isinstance(edit, str) else json.dumps(dict(json.load(open(path)), **edit))
+    with open(path, "w") as f:
+        f.write(text)
+    (tmp_path / "run" / "done.json").write_text("{}")
+    assert ev.main(["--run", run]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_config.json" in err

@@ -326,8 +326,8 @@ def test_missing_unexpected_misshaped(tmp_path):
     hf = tiny_hf(False)
     path = write_gguf(hf, tmp_path / "missing.gguf", skip={"model.layers.1.mlp.down_proj.weight"})
     assert "lacks tensor 'model.layers.1.mlp.down_proj.weight'" in _error(path)
-    path = write_gguf(hf, tmp_path / "extra.gguf", extra={"rope_freqs.weight": np.ones(8, np.float32)})
-    assert "'rope_freqs.weight'" in _error(path)
+    path = write_gguf(hf, tmp_path / "extra.gguf", extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
+    assert "'blk.0.attn_q_norm.weight'" in _error(path)   # (Qwen3's; rope_freqs.weight is Llama 3.1's RoPE scaling)
     path = write_gguf(hf, tmp_path / "shape.gguf", skip={"model.norm.weight"},
                       extra={"output_norm.weight": np.ones(65, np.float32)})
     msg = _error(path)

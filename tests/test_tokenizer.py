@@ -475,7 +475,7 @@ def test_template_detection_and_errors(tmp_path, mistral_v3_model, smol):
 
 def test_bad_files_are_one_line_errors(tmp_path):
     cases = {
-        "qwen2.gguf": dict(model="gpt2", pre="qwen2", tokens=["<|endoftext|>", "a"], types=[3, 1], eos=0),
+        "qwen2.gguf": dict(model="gpt2", pre="deepseek-llm", tokens=["<|endoftext|>", "a"], types=[3, 1], eos=0),
         "bert.gguf": dict(model="bert", tokens=["[UNK]", "a"], types=[2, 1], eos=0),
         "notokens.gguf": dict(model="gpt2"),
     }
@@ -486,7 +486,7 @@ def test_bad_files_are_one_line_errors(tmp_path):
     (tmp_path / "whitespace.json").write_text(json.dumps(
         {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": {"type": "Whitespace"}}))
     (tmp_path / "unigram.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}))
-    expect = {"qwen2.gguf": r"qwen2.gguf: pre-tokenizer 'qwen2' is not one",
+    expect = {"qwen2.gguf": r"qwen2.gguf: pre-tokenizer 'deepseek-llm' is not one",
               "bert.gguf": r"bert.gguf: tokenizer.ggml.model 'bert' is not supported",
               "notokens.gguf": r"notokens.gguf: no tokenizer.ggml.tokens",
               "junk.gguf": r"junk.gguf: unsupported GGUF version 7",

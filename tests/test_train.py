@@ -1,5 +1,6 @@
 """train.py: checkpointing gradients, learning, kill-and-resume, data parallel, failure handling."""
 import json
+import math
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ import data
 import lora
 import runs
 import train
-from model import Config, Transformer, save_model
+from model import Config, Transformer, load_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["apple", "river", "stone", "cloud", "flame"]  # the word in the response decides the rating
@@ -421,11 +422,27 @@ def test_corrupt_state_falls_back_to_last_old_or_says_so(setup, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("rank", 0), ("micro_batch", -1), ("lr", 0.0), ("batch_size", 0),
-                                        ("steps", -3)])
-def test_non_positive_options_are_one_line(setup, tmp_path, flag, value):
-    with pytest.raises(train.TrainError, match=f"--{flag.replace('_', '-')} must be positive"):
+                                        ("steps", -3), ("lr", float("inf")), ("lr", float("nan")),
+                                        ("min_lr_ratio", float("nan")), ("min_lr_ratio", -5.0),
+                                        ("weight_decay", float("nan")), ("lora_dropout", 1.0), ("epochs", float("inf")),
+                                        ("alpha", float("nan")), ("warmup", 1.0), ("grad_clip", -1.0)])
+def test_options_out_of_range_are_one_line_before_anything_is_written(setup, tmp_path, flag, value):
+    """--lr inf trained to NaN weights and exited 0; --min-lr-ratio -5 trained by gradient ascent."""
+    with pytest.raises(train.TrainError, match=f"--{flag.replace('_', '-')} must be a finite number in "):
         train.run(config(setup, tmp_path / "run", **{flag: value}))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_number_on_the_command_line_is_one_line(setup, tmp_path):
+    r = subprocess.run(_cli(setup, tmp_path / "run", "--lr", "inf", "--steps", "1"), capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lr must be a finite number" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_and_overwrite_together_are_refused(setup, tmp_path):
+    with pytest.raises(train.TrainError, match="contradict"):
+        train.run(config(setup, tmp_path / "run", resume=True, overwrite=True))
 
 
 def test_tokenizer_larger_than_the_model_is_refused(setup, tmp_path):
@@ -496,3 +513,76 @@ def test_out_that_is_a_file_is_one_line(setup, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: --out {out} is a file, not a run folder"
     assert out.read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- nothing silently wrong (issue 29)
+
+def test_a_full_disk_inside_torch_save_is_the_same_clear_line(setup, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError (its stream writer), which passed the OSError
+    handler and left last.tmp behind."""
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(runs.RunError, match="last.tmp: cannot write the checkpoint .*last from before is intact"):
+        train.run(config(setup, out, steps=6))
+    assert not (out / "last.tmp").exists()
+    assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_a_non_finite_validation_loss_keeps_best_and_last_as_they_were(setup, tmp_path, monkeypatch):
+    """best/ was rewritten with a model whose validation loss was NaN, and done.json said NaN."""
+    out = tmp_path / "run"
+    real = train.validate
+    calls = []
+
+    def poisoned(*a, **kw):
+        calls.append(1)
+        m = real(*a, **kw)
+        return dict(m, val_loss=float("nan")) if len(calls) == 2 else m
+    monkeypatch.setattr(train, "validate", poisoned)
+    with pytest.raises(train.TrainError, match=r"step 4: non-finite validation loss; stopped. Last good checkpoint: .*last"):
+        train.run(config(setup, out, steps=6, val_every=2))
+    assert not (out / "done.json").exists()
+    assert torch.load(out / "last" / "state.pt", weights_only=True)["step"] == 2
+    assert all(math.isfinite(r.get("val_loss", 0)) for r in map(json.loads, open(out / "metrics.jsonl")))
+
+
+def test_non_finite_weights_are_never_saved(setup, tmp_path):
+    out = tmp_path / "run"
+    train.run(config(setup, out, steps=2))
+    kept = adapter(out / "last")
+    model = load_model(setup["base"])
+    lora.add_lora(model, rank=4, alpha=8)
+    next(p for p in model.parameters() if p.requires_grad).data[0, 0] = float("nan")
+    cfg = config(setup, out)
+    with pytest.raises(train.TrainError, match="non-finite weights; not saved"):
+        runs.Run(str(out)).save("last", train.weights(cfg, model))
+    assert all(torch.equal(adapter(out / "last")[k], kept[k]) for k in kept)
+
+
+def test_resume_of_a_finished_run_keeps_its_record(setup, tmp_path):
+    """--resume on a finished run rewrote done.json without its validation figures."""
+    out = tmp_path / "run"
+    train.run(config(setup, out, steps=2, val_every=2))
+    before = json.load(open(out / "done.json"))
+    assert "val_acc" in before
+    again = train.run(config(setup, out, steps=2, val_every=2, resume=True))
+    assert json.load(open(out / "done.json")) == before and again["val_acc"] == before["val_acc"]
+
+
+def test_resume_with_changed_data_contents_is_refused(setup, tmp_path):
+    """--resume compared the data file's path, not its contents."""
+    out = tmp_path / "run"
+    path = tmp_path / "train.jsonl"
+    shutil.copy(setup["data"], path)
+    _unfinished(setup, out, data=str(path))
+    records = [json.loads(x) for x in open(path)]
+    data.write_jsonl([dict(r, label=1 + r["label"] % 5) for r in records], str(path))
+    with pytest.raises(train.TrainError, match="--data-sha256"):
+        train.run(config(setup, out, steps=6, data=str(path), resume=True))
