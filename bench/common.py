@@ -212,9 +212,10 @@ def synthetic_ours(config, device, dtype, seed=0):
 
 
 def hf_config(config):
+    """The transformers config of a model.Config: its own model_type's class (Mistral, Llama, Qwen2)."""
     import transformers
-    cls = transformers.MistralConfig if config.arch == "mistral" else transformers.LlamaConfig
-    return cls(**config.to_hf())
+    hf = config.to_hf()
+    return transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
 
 
 def synthetic_hf(config, device, dtype, seed=0):

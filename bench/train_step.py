@@ -66,6 +66,11 @@ PROFILES = {
                        batch=8, seq=128, loss_tokens=32, dtype="float32", checkpointing=(False, True), warmup=2, reps=10),
     "cuda": Profile("cuda", replace(PRESETS["mistral-7b-v0.1"]),
                     batch=8, seq=512, loss_tokens=32, dtype="bfloat16", checkpointing=(True,), warmup=3, reps=10),
+    # the bases people fine-tune now, the same work (issue 28): GPU only, like "cuda"
+    "cuda-llama3": Profile("cuda-llama3", replace(PRESETS["llama-3.1-8b"]),
+                           batch=8, seq=512, loss_tokens=32, dtype="bfloat16", checkpointing=(True,), warmup=3, reps=10),
+    "cuda-qwen2": Profile("cuda-qwen2", replace(PRESETS["qwen2.5-7b"]),
+                          batch=8, seq=512, loss_tokens=32, dtype="bfloat16", checkpointing=(True,), warmup=3, reps=10),
     "smoke": Profile("smoke", replace(PRESETS["tiny"]),
                      batch=2, seq=32, loss_tokens=8, dtype="float32", checkpointing=(False, True), warmup=1, reps=2,
                      mem_steps=2, rank=4, alpha=8.0),
@@ -304,7 +309,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="4-bit base on both sides")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    p.add_argument("--profile", choices=["cpu", "smollm2", "cuda"], default=None,
+    p.add_argument("--profile", choices=["cpu", "smollm2", "cuda", "cuda-llama3", "cuda-qwen2"], default=None,
                    help="model shape and batch (default: the device's; smollm2: the study's student, on CPU)")
     p.add_argument("--checkpointing", choices=["both", "on", "off"], default=None,
                    help="activation checkpointing settings to run (default: the profile's)")
