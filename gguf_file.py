@@ -31,6 +31,7 @@ Qwen2's q and k). The block layouts of the quantised
 types are drawn next to `dequantize`; `tests/test_gguf.py` checks them bit for bit against the
 `gguf` package.
 """
+import array
 import math
 import os
 import re
@@ -51,6 +52,7 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
             6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
           10: "<u8", 11: "<i8", 12: "<f8"}  # for fast numeric arrays (token scores, types)
+_ARRAY_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 10: "Q", 11: "q", 12: "d"}  # array.array's
 STRING, ARRAY = 8, 9
 
 # What a header may claim, checked before anything is allocated; every length and count must also fit
@@ -170,9 +172,13 @@ class _Reader:
             if self.items > MAX_ITEMS:
                 raise GGUFError(f"{self.path}: metadata arrays hold more than {MAX_ITEMS} items in all "
                                 f"(at {short(key)})")
-            if item in _NUMPY:  # numeric arrays in one read
+            if item in _NUMPY:  # numeric arrays in one read, kept as compact as the file holds them
                 out = np.frombuffer(self.take(n * _SCALARS[item][1]), dtype=_NUMPY[item])
-                return out.astype(bool).tolist() if item == 7 else out.tolist()
+                if item == 7:
+                    return out.astype(bool).tolist()
+                # array.array: 4 bytes a float32 score, not a 32-byte Python float in a list (a 262k
+                # vocabulary's scores and types took ~9x their size in the file)
+                return array.array(_ARRAY_CODES[item], out.astype(out.dtype.newbyteorder("=")).tobytes())
             return [self.value(item, key, depth + 1) for _ in range(n)]
         if t not in _SCALARS:
             raise GGUFError(f"{self.path}: metadata key {short(key)} has unknown value type {t}")

@@ -301,7 +301,8 @@ def test_oversized_lengths_and_counts_are_refused_before_allocating(tmp_path, na
 def test_nested_arrays_are_capped(tmp_path):
     """Arrays of arrays 10^5 deep raised RecursionError; now anything past MAX_DEPTH is one line."""
     ok = write(tmp_path / "deep4.gguf", gguf_bytes({"x.nested": nested(gguf_file.MAX_DEPTH)}))
-    assert gguf_file.read(ok).metadata["x.nested"] == [[[[7]]]]
+    value = gguf_file.read(ok).metadata["x.nested"]  # three lists around a numeric array (array.array)
+    assert len(value) == len(value[0]) == len(value[0][0]) == 1 and list(value[0][0][0]) == [7]
     for depth in (gguf_file.MAX_DEPTH + 1, 100_000):
         path = write(tmp_path / f"deep{depth}.gguf", gguf_bytes({"x.nested": nested(depth)}))
         refused(M.load_model, path, match="nests arrays more than 4 deep", names=[path, "'x.nested'"])
@@ -337,6 +338,18 @@ def test_metadata_arrays_are_bounded(tmp_path):
     path = write(tmp_path / "vocab.gguf", gguf_bytes(meta))
     md = gguf_file.read(path).metadata
     assert md["tokenizer.ggml.scores"][-1] == v - 1 and len(md["tokenizer.ggml.tokens"]) == v
+
+
+def test_numeric_metadata_arrays_take_their_size_in_memory(tmp_path):
+    """Numeric arrays (token scores and types) took ~9x their bytes in the file as lists of Python
+    numbers; they are array.array now: about their size in the file (numpy's read buffer included)."""
+    v = 1 << 20
+    meta = {"tokenizer.ggml.scores": ARR(6, v, np.arange(v, dtype="<f4").tobytes()),
+            "tokenizer.ggml.token_type": ARR(5, v, np.full(v, 1, "<i4").tobytes())}
+    path = write(tmp_path / "numbers.gguf", gguf_bytes(meta))
+    assert _peak_mb(gguf_file.read, path) < 3 * 8 * v / 2**20  # 8 MB of numbers in the file
+    md = gguf_file.read(path).metadata
+    assert md["tokenizer.ggml.scores"][12345] == 12345.0 and md["tokenizer.ggml.token_type"][-1] == 1
 
 
 # -------------------------------------------------------------------------- config.json and the shard index
