@@ -275,10 +275,10 @@ def _read_adapter(path):
         if not os.path.isfile(f):
             raise AdapterError(f"{f}: file not found")
     try:
-        with open(cfg_file) as f:
+        with open(cfg_file, encoding="utf-8") as f:
             cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, a 5000-digit number, deep nesting
+        raise AdapterError(f"{cfg_file}: not valid JSON ({(str(e) or type(e).__name__).splitlines()[0][:200]})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_file}: expected a JSON object")
     if cfg.get("peft_type") != "LORA":

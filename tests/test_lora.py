@@ -416,9 +416,10 @@ def test_missing_or_corrupt_files_name_the_file(ckpt, saved):
     with pytest.raises(AdapterError, match=rf"{weights}: file not found"):
         load_adapter(ours(ckpt), saved)
     open(weights, "wb").write(data)
-    open(cfg, "w").write("{not json")
-    with pytest.raises(AdapterError, match=rf"{cfg}: not valid JSON"):
-        load_adapter(ours(ckpt), saved)
+    for text in ("{not json", "[" * 100_000, '{"r": 1' + "0" * 5000 + "}", b"{\"r\": \"\xff\"}"):
+        open(cfg, "wb").write(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(AdapterError, match=rf"{cfg}: not valid JSON"):  # (deep nesting and 5000-digit
+            load_adapter(ours(ckpt), saved)                                   # numbers were tracebacks)
     os.remove(cfg)
     with pytest.raises(AdapterError, match=rf"{cfg}: file not found"):
         load_adapter(ours(ckpt), saved)
