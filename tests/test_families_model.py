@@ -19,6 +19,7 @@ import lora as L
 import model as M
 import quant as Q
 import train
+from test_gguf import add_hparams
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -112,14 +113,7 @@ def write_gguf(hf, path, meta=None, rope_freqs=True, extra=None):
     c = hf.config
     arch = "qwen2" if c.model_type == "qwen2" else "llama"
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    add_hparams(w, c)
     if arch == "llama":
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)

@@ -127,10 +127,8 @@ def _gguf_name(key):
     return f"blk.{i}.{LAYER[rest[: -len('.weight')]]}.weight"
 
 
-def write_gguf(hf, path, dtype=np.float32, arch="llama", skip=(), extra=None):
-    """Write a transformers Llama model as llama.cpp would: names mapped, q/k rows permuted."""
-    c = hf.config
-    w = gguf.GGUFWriter(str(path), arch)
+def add_hparams(w, c):
+    """The hyperparameters every architecture's GGUF file carries, from a transformers config."""
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -139,6 +137,13 @@ def write_gguf(hf, path, dtype=np.float32, arch="llama", skip=(), extra=None):
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+
+
+def write_gguf(hf, path, dtype=np.float32, arch="llama", skip=(), extra=None):
+    """Write a transformers Llama model as llama.cpp would: names mapped, q/k rows permuted."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    add_hparams(w, c)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
     w.add_bos_token_id(c.bos_token_id)
