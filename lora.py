@@ -82,11 +82,11 @@ class LoRALinear(nn.Module):
 
     fused_devices = ("cpu",)  # device types where forward runs forward_fused: where it was measured faster
 
-    def __init__(self, base_layer, rank, alpha, dropout=0.0, rslora=False):
+    def __init__(self, base_layer, rank, alpha, dropout=0.0, rslora=False, device=None):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        device = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
+        device = device or next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and nn.Linear do
@@ -188,12 +188,15 @@ def lora_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, rslora=False):
+def add_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, rslora=False, device=None):
     """Wrap every linear layer named in `targets` in a LoRALinear, freeze everything else.
 
     `targets` is a list of names matched against the end of each module name ("q_proj" matches
     model.layers.3.self_attn.q_proj), or, as in PEFT, one string used as a regex on the full
-    name; "all-linear" means every linear layer except lm_head. Returns the trainable count.
+    name; "all-linear" means every linear layer except lm_head. The LoRA weights are made on
+    `device`, by default beside each base layer; a base still on the meta device (train.py
+    --shard loads it after sharding) takes a real one, so that the initialisation draws the same
+    numbers, in the same order, as on a loaded model. Returns the trainable count.
     """
     if lora_layers(model):
         raise AdapterError("model already has LoRA layers (merge_lora it first)")
@@ -210,7 +213,7 @@ def add_lora(model, rank=16, alpha=32, dropout=0.05, targets=TARGETS, rslora=Fal
     for name in linears:
         if _matches(name, targets):
             base = model.get_submodule(name)
-            layer = LoRALinear(base, rank, alpha, dropout, rslora)
+            layer = LoRALinear(base, rank, alpha, dropout, rslora, device)
             _set_module(model, name, layer.train(base.training))  # in an eval() model: no dropout
     model.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, rslora=rslora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -242,13 +245,16 @@ def lora_state_dict(model):
             for name, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
 
-def save_adapter(model, path, base_model_name=None):
-    """Write `path`/adapter_model.safetensors and `path`/adapter_config.json as PEFT 0.21 does."""
+def save_adapter(model, path, base_model_name=None, state=None):
+    """Write `path`/adapter_model.safetensors and `path`/adapter_config.json as PEFT 0.21 does.
+    `state` is what to write, {name: tensor} as lora_state_dict gives it; by default the model's own
+    (train.py --shard passes the tensors gathered from its ranks)."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
         raise AdapterError("model has no LoRA layers to save (add_lora or load_adapter first)")
     os.makedirs(path, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    state = lora_state_dict(model) if state is None else state
+    tensors = {PEFT_PREFIX + k: v.float().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,

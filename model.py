@@ -21,8 +21,9 @@ and a saved folder loads in `transformers`.
 
     python -m model --smollm2                 # prints where that GGUF file is
 
-Length: ~850 lines: the config, the presets and the checks that name a bad field (~235), the decoder
-(~185), loading and saving checkpoints (~260), and KV-cache generation. Loading is long for its checks: a
+Length: ~895 lines: the config, the presets and the checks that name a bad field (~235), the decoder
+(~185), loading and saving checkpoints (~305, `Checkpoint` streaming one tensor at a time, whole or
+only some rows, for `load_model` and for train.py --shard), and KV-cache generation. Loading is long for its checks: a
 damaged or hostile checkpoint fails in one line naming the file and tensor, and the weights' headers
 are checked against the config before a layer is built, so no bad number allocates anything.
 """
@@ -280,6 +281,12 @@ PRESETS = {
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                            bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-70b": Config(name="llama-3.1-70b", arch="llama", vocab_size=128256, hidden_size=8192,
+                            intermediate_size=28672, n_layers=80, n_heads=64, n_kv_heads=8, rope_theta=500000.0,
+                            max_position_embeddings=131072,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                            bos_token_id=128000, eos_token_id=128001),
     # the Instruct model's config.json (the base model's differs in eos_token_id and max_position_embeddings)
     "qwen2.5-7b": Config(name="qwen2.5-7b", arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                          n_layers=28, n_heads=28, n_kv_heads=4, rope_theta=1e6, norm_eps=1e-6,
@@ -555,12 +562,13 @@ def _open_gguf(path):
 
 def _safetensors_tensors(path):
     """Yield (file, name, shape, dtype, read) for every tensor of a folder's shards, reading no data:
-    read() gives the tensor, a view into the shard's memory-mapped file (while the shard is open)."""
+    read(rows) gives the tensor, or only rows (start, stop) of its first dimension, as a view into the
+    shard's memory-mapped file (while the shard is open): the other rows are never read."""
     from safetensors import SafetensorError, safe_open
 
-    def read(f, file, key):
+    def read(f, file, key, rows=None):
         try:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
         except SafetensorError as e:
             raise ModelError(f"{file}: tensor {key!r} unreadable, truncated or corrupt ({e})") from None
     for file, keys in _weight_files(path).items():
@@ -571,22 +579,24 @@ def _safetensors_tensors(path):
                 for key in f.keys():
                     s = f.get_slice(key)
                     yield (file, key, tuple(s.get_shape()), s.get_dtype(),
-                           lambda f=f, file=file, k=key: read(f, file, k))
+                           lambda rows=None, f=f, file=file, k=key: read(f, file, k, rows))
         except SafetensorError as e:
             raise ModelError(f"{file}: unreadable safetensors file, truncated or corrupt ({e})") from None
 
 
 def _gguf_tensors(g):
-    """The same for a GGUF file, under Hugging Face names: read() dequantises one tensor to fp32 (so
-    every ggml type this reader knows is a float type) and undoes llama.cpp's q/k row permutation."""
-    def read(fn):
+    """The same for a GGUF file, under Hugging Face names: read(rows) dequantises one whole tensor to
+    fp32 (so every ggml type this reader knows is a float type; its blocks run along rows, so the
+    whole tensor is made before rows are cut) and undoes llama.cpp's q/k row permutation."""
+    def read(fn, rows=None):
         try:
-            return torch.from_numpy(fn())
+            t = torch.from_numpy(fn())
         except GGUFError as e:
             raise ModelError(str(e)) from None
+        return t if rows is None else t[rows[0]:rows[1]]
     try:
         for key, shape, fn in gguf_file.hf_tensors(g):
-            yield g.path, key, shape, "F32", lambda fn=fn: read(fn)
+            yield g.path, key, shape, "F32", lambda rows=None, fn=fn: read(fn, rows)
     except GGUFError as e:  # a tensor with no Hugging Face name
         raise ModelError(str(e)) from None
 
@@ -622,60 +632,101 @@ def _check_weights(config, tensors, path, keys):
 QUANTIZE = (None, "nf4", "nf4-dq")
 
 
-def load_model(path, device="cpu", dtype=None, quantize=None):
-    """Load a Llama/Mistral/Qwen2 model from a Hugging Face-format folder or a llama.cpp .gguf file. The
-    tensors' headers are read and checked against the config first (`_check_weights`); then the
-    model is built on the meta device and each tensor is streamed from its shard (a GGUF tensor is
-    dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
-    weights are never held twice. Unless quantising, a CPU tensor already in `dtype` is not even
-    copied: it stays a view of the memory-mapped shard (copy-on-write, so writing into it never
-    touches the file), read when a forward pass first uses it, as `transformers` does. dtype
-    defaults to float32 on CPU and bfloat16 elsewhere."""
-    mapped = not _is_gguf(path)  # safetensors shards are memory-mapped; GGUF tensors are dequantised copies
-    if mapped:
-        config, tensors, keys = load_config(path), lambda: _safetensors_tensors(path), {}
-    else:
-        g, config = _open_gguf(path)
-        tensors, keys = lambda: _gguf_tensors(g), gguf_file.config_keys(g)
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
+def skeleton(config, dtype=torch.float32, quantize=None):
+    """The model of `config` on the meta device (no memory behind any tensor): the names and shapes
+    that a checkpoint fills. With `quantize`, every *_proj layer is an NF4Linear computing in `dtype`."""
     if quantize not in QUANTIZE:
         raise ModelError(f"unknown quantize={quantize!r}; choices: {', '.join(q for q in QUANTIZE if q)}")
-    _check_weights(config, list(tensors()), path, keys)  # headers only: no tensor data is read
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        for name, m in list(model.named_modules()):
+            if quantize and name.endswith("_proj") and isinstance(m, nn.Linear):
+                model.set_submodule(name, NF4Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                                                    compute_dtype=dtype, double_quant=quantize == "nf4-dq"))
+    return model
 
-    state, quantized = {}, set()
-    for file, key, shape, _, read in tensors():
-        if key not in expected:
-            if config.tie_word_embeddings and key == "lm_head.weight":
+
+class Checkpoint:
+    """The weights of a Hugging Face folder or a llama.cpp .gguf file, opened: its Config, and its
+    tensors' names, shapes and dtypes checked against it (`_check_weights`) before any data is read.
+    `state()` then streams the tensors one at a time into the form a model built by `skeleton` takes."""
+
+    def __init__(self, path):
+        self.path = path
+        self.mapped = not _is_gguf(path)  # safetensors shards are memory-mapped; GGUF tensors are dequantised copies
+        if self.mapped:
+            self.config, self.tensors, keys = load_config(path), lambda: _safetensors_tensors(path), {}
+        else:
+            g, self.config = _open_gguf(path)
+            self.tensors, keys = lambda: _gguf_tensors(g), gguf_file.config_keys(g)
+        _check_weights(self.config, list(self.tensors()), path, keys)  # headers only: no tensor data is read
+
+    def state(self, model, dtype, device="cpu", rows=None):
+        """Yield (name, tensor) for every entry of `model`'s state dict (a `skeleton` of this config,
+        on the meta device, possibly sharded already), each read, checked, cast to `dtype` and put on
+        `device`; an NF4Linear's entries (codes and scales) are quantised from the stored weight.
+
+        rows(name, shape), when given, says which rows (start, stop) of an entry's first dimension
+        to keep, or None for all: a safetensors tensor is then read only there; a GGUF tensor or a
+        weight quantised to NF4 is made whole first and cut after (the peak is that one tensor).
+        Unless quantised or cut, a CPU tensor already in `dtype` is not even copied: it stays a view
+        of the memory-mapped shard (copy-on-write, so writing into it never touches the file), read
+        when a forward pass first uses it, as `transformers` does."""
+        config = self.config
+        nf4 = {name + ".weight": m for name, m in model.named_modules() if is_4bit(m)}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                    if k.rpartition(".")[0] + ".weight" not in nf4 or k.endswith(".bias")}
+        expected.update({k: (m.out_features, m.in_features) for k, m in nf4.items()})
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        seen = set()
+        for file, key, shape, _, read in self.tensors():
+            if key not in expected:
+                if config.tie_word_embeddings and key == "lm_head.weight":
+                    continue
+                raise ModelError(f"{file}: unexpected tensor {short(key)} for a {config.arch} model")
+            if shape != expected[key]:
+                raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {expected[key]}")
+            seen.add(key)
+            if key in nf4:  # cast first, then quantise on the target device: the codes match bitsandbytes'
+                m = nf4[key]
+                layer = NF4Linear.from_weight(read().to(dtype), compute_dtype=dtype, device=device,
+                                              blocksize=m.blocksize, double_quant=m.double_quant)
+                prefix = key[: -len("weight")]
+                for part, t in layer.named_buffers():
+                    cut = rows(prefix + part, tuple(t.shape)) if rows else None
+                    yield prefix + part, t if cut is None else t[cut[0]:cut[1]].clone()
                 continue
-            raise ModelError(f"{file}: unexpected tensor {short(key)} for a {config.arch} model")
-        if shape != expected[key]:
-            raise ModelError(f"{file}: tensor {key!r} has shape {shape}, expected {expected[key]}")
-        t = read()
-        if quantize and key.endswith("_proj.weight"):
-            # cast first, then quantise on the target device: the codes match bitsandbytes'
-            layer = NF4Linear.from_weight(t.to(dtype), compute_dtype=dtype, device=device,
-                                          double_quant=quantize == "nf4-dq")
-            model.set_submodule(key[: -len(".weight")], layer)
-            quantized.add(key)
-        elif mapped and not quantize and t.dtype == dtype and str(device) == "cpu":
-            state[key] = t  # already what we want: stays a view of the mapped shard, read on first use
-        else:  # cast, moved or beside 4-bit layers: an owned copy, so no view keeps the shard mapped
-            state[key] = t.to(device=device, dtype=dtype, copy=True)
-    missing = sorted(set(expected) - set(state) - quantized)
-    if missing:
-        raise ModelError(f"{path}: checkpoint lacks tensor {missing[0]!r}" +
-                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for key in quantized:  # a 4-bit layer's bias: its buffer, in the compute dtype (as from_weight keeps it)
-        if (bias := state.pop(key[: -len("weight")] + "bias", None)) is not None:
-            model.get_submodule(key[: -len(".weight")]).bias = bias
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+            cut = rows(key, shape) if rows else None
+            t = read(cut)
+            if self.mapped and cut is None and not nf4 and t.dtype == dtype and str(device) == "cpu":
+                yield key, t  # already what we want: stays a view of the mapped shard, read on first use
+            else:  # cast, cut, moved or beside 4-bit layers: an owned copy, so no view keeps the shard mapped
+                yield key, t.to(device=device, dtype=dtype, copy=True)
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise ModelError(f"{self.path}: checkpoint lacks tensor {missing[0]!r}" +
+                             (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def resolve_dtype(dtype, device):
+    """A dtype from its name or itself; by default float32 on CPU, bfloat16 elsewhere."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
+
+
+def load_model(path, device="cpu", dtype=None, quantize=None):
+    """Load a Llama/Mistral/Qwen2 model from a Hugging Face-format folder or a llama.cpp .gguf file:
+    the tensors' headers are read and checked against the config first, the model is built on the
+    meta device (`skeleton`), and each tensor is streamed from its shard (a GGUF tensor is
+    dequantised on the way), checked, cast (or quantised to NF4, see QUANTIZE), and assigned: the
+    weights are never held twice (`Checkpoint.state`). dtype defaults to float32 on CPU and
+    bfloat16 elsewhere."""
+    dtype = resolve_dtype(dtype, device)
+    ckpt = Checkpoint(path)
+    model = skeleton(ckpt.config, dtype, quantize)
+    model.load_state_dict(dict(ckpt.state(model, dtype, device)), strict=False, assign=True)  # (the tied head)
+    if ckpt.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 

@@ -29,6 +29,7 @@ from cli import Error, Lock, write_atomic
 
 CONFIG, METRICS, DONE, LOCK = "train_config.json", "metrics.jsonl", "done.json", "lock"
 LAST, BEST, STATE, REPLACED = "last", "best", "state.pt", "replaced"
+SHARDS = "shards"  # inside a checkpoint of a --shard run: each rank's part of LoRA and AdamW (shard.py)
 PREDICTIONS, SCORES = "predictions.jsonl", "metrics.json"
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors")  # what a checkpoint's fingerprint covers
 # a run's own files: what --overwrite moves aside (with its eval-*/ folders)
@@ -301,14 +302,23 @@ class Run:
             raise RunError(f"{self.file(METRICS)}: cannot append ({e.strerror or e}); the checkpoints in "
                            f"{self.path} are intact, continue with --resume once there is room") from None
 
-    def save(self, name, write, state=None):
+    def stage(self, name):
+        """<run>/<name>.tmp/, empty: where a checkpoint is written before save() renames it into place.
+        (A sharded run stages it first, so that every rank can write its shards there.)"""
+        tmp = self.file(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        return tmp
+
+    def save(self, name, write, state=None, staged=False):
         """Write <run>/<name>/ through <name>.tmp/: write(folder) puts the weights there, `state` (what
         --resume needs) goes into state.pt. The old folder is moved aside before the new one takes its
-        name, then removed. The first save of last/ retires a run that --overwrite moved aside."""
+        name, then removed. The first save of last/ retires a run that --overwrite moved aside.
+        staged: <name>.tmp/ was made by stage() and holds what the ranks wrote; keep it."""
         final, tmp, old = (self.file(name + s) for s in ("", ".tmp", ".old"))
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            os.makedirs(tmp)
+            if not staged:
+                self.stage(name)
             write(tmp)
             if state is not None:
                 torch.save(state, os.path.join(tmp, STATE))

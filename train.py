@@ -5,11 +5,14 @@
     python train.py --model DIR --data train.jsonl --variant label --out runs/x --dry-run
     python train.py grid --model DIR --data train.jsonl --variants label,explanation,shuffled --seeds 0,1,2 --out runs/grid
     torchrun --nproc_per_node=2 train.py --model DIR --data train.jsonl --out runs/ddp
+    torchrun --nproc_per_node=4 train.py --model DIR --data train.jsonl --out runs/big --shard
 
 One loop serves every case: bf16 autocast and activation checkpointing on CUDA, fp32 on CPU; the
 loss of a global batch is the sum over its target tokens divided by the number of target tokens in
 the whole global batch (every micro-batch, every rank), so neither the micro-batch size nor the
-number of processes changes the result. `--full` trains every weight with loss on every token of a
+number of processes changes the result. Under torchrun every rank holds the whole frozen base (data
+parallel), or with `--shard` 1/N of it, and of the LoRA weights and AdamW state (FSDP2, shard.py):
+the loop is the same. `--full` trains every weight with loss on every token of a
 plain-text corpus: the demo pretrains its tiny base model that way.
 
 A run folder (runs.py: `train_config.json`, `metrics.jsonl`, `last/` and `best/` PEFT-format
@@ -18,7 +21,7 @@ at a time, checkpoints renamed into place, so a crash never leaves half of one.
 Left out: model code (model.py, lora.py), data handling (data.py), metrics (eval.py), the folder's
 files (runs.py).
 
-Length: ~620 lines, one concern: a training run as a user launches it. Its config and checks, the
+Length: ~700 lines, one concern: a training run as a user launches it. Its config and checks, the
 stages of `run` in the order they happen, the grid of variants x seeds and the command line.
 """
 import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
@@ -37,10 +40,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 import data
 import lora
 import runs
+import shard
 from data import ORDERS, TEMPLATES, VARIANTS
 from eval import rating_logits
 from model import DTYPES, Transformer, load_config, load_model, save_model
@@ -85,6 +90,7 @@ class TrainConfig:
     dtype: Literal[("auto", *DTYPES)] = "auto"      # auto: bf16 on CUDA, fp32 on CPU
     quantize: Literal["", "nf4", "nf4-dq"] = ""      # nf4: frozen 4-bit base (QLoRA-style); nf4-dq: its scales in 8 bits too
     checkpointing: bool = True        # activation checkpointing, one block at a time
+    shard: bool = False               # under torchrun: split the base, LoRA and AdamW state over the ranks (FSDP2) instead of a whole base each
     compile: bool = False             # torch.compile the model
     skip_bad: bool = False            # skip (and count) malformed records instead of stopping
     resume: bool = False              # continue from the newest complete checkpoint in --out
@@ -102,6 +108,8 @@ def setup_distributed(device):
     """(rank, world) from torchrun's environment; a process group when there are several."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the device mesh of --shard takes each rank's current device
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world
@@ -146,22 +154,32 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-def validate(model, examples, tok, cfg, device, autocast):
+def validate(model, examples, tok, cfg, device, autocast, rank=0, world=1):
     """Validation loss per target token, and rating accuracy read at the decision position
-    (teacher-forced for explanation-first runs: the explanation given is the real one)."""
+    (teacher-forced for explanation-first runs: the explanation given is the real one). With several
+    processes each takes every world-th micro-batch and the sums are added up; all get the result.
+    A rank with fewer runs a last pass that counts nothing, so that a sharded model's all-gathers
+    meet on every rank."""
     was_training = model.training
     model.eval()
-    total, n_tok, correct = 0.0, 0, 0
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, target tokens, correct ratings
     rating_ids = data.rating_token_ids(tok)
-    for idx in data.batch_indices(examples, cfg.micro_batch, seed=0, epoch=0):
+    micros = data.batch_indices(examples, cfg.micro_batch, seed=0, epoch=0)
+    for k in range(rank, -(-len(micros) // world) * world, world):
+        idx = micros[k] if k < len(micros) else micros[0]
         batch = to_device(data.collate([examples[i] for i in idx], tok.pad_id), device)
         with autocast:
-            total += loss_sum(model, batch, weighted=False).item()  # per token, comparable across runs
+            loss = loss_sum(model, batch, weighted=False).item()  # per token, comparable across runs
+            correct = 0
             if not cfg.full:
                 pred = rating_logits(model, batch, rating_ids).argmax(-1) + 1
-                correct += (pred == batch["label"]).sum().item()
-        n_tok += int((batch["targets"] != data.IGNORE_INDEX).sum())
+                correct = (pred == batch["label"]).sum().item()
+        if k < len(micros):
+            sums += torch.tensor([loss, int((batch["targets"] != data.IGNORE_INDEX).sum()), correct], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums)
     model.train(was_training)
+    total, n_tok, correct = sums.tolist()
     return {"val_loss": total / max(1, n_tok), "val_acc": correct / max(1, len(examples))}
 
 
@@ -170,6 +188,7 @@ def validate(model, examples, tok, cfg, device, autocast):
 # settings a --resume may change: they leave the trained result as it was (micro-batches up to float
 # rounding); every other setting must equal the saved run's
 RESUMABLE = ("device", "compile", "checkpointing", "micro_batch", "val_every", "save_every", "log_every")
+# (--shard is not among them: a sharded checkpoint keeps its optimizer state as DCP shards)
 HOW = ("resume", "overwrite", "dry_run")  # how the command treats the folder, not what the run is
 
 
@@ -201,12 +220,15 @@ def claim_out(cfg, rank, world):
     return run
 
 
-def weights(cfg, model):
+def weights(cfg, model, gathered=None):
     """What a checkpoint holds: the adapter in PEFT's format, or with --full the whole model and its
     tokenizer. Returns the function that writes it into a folder; weights that are not all finite are
-    never written (the checkpoint already on disk stays)."""
+    never written (the checkpoint already on disk stays). `gathered`: a sharded model's LoRA weights,
+    whole (shard.gather_adapter)."""
     def write(folder):
-        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        named = gathered.items() if gathered is not None else (
+            (n, p) for n, p in model.named_parameters() if p.requires_grad)
+        bad = next((n for n, p in named if not torch.isfinite(p).all()), None)
         if bad is not None:
             raise TrainError(f"{bad}: non-finite weights; not saved. Last good checkpoint: "
                              f"{Run(cfg.out).latest() or 'none yet'}")
@@ -214,7 +236,7 @@ def weights(cfg, model):
             save_model(model, folder)
             shutil.copy(os.path.join(cfg.model, "tokenizer.model"), folder)
         else:
-            lora.save_adapter(model, folder, base_model_name=os.path.abspath(cfg.model))
+            lora.save_adapter(model, folder, base_model_name=os.path.abspath(cfg.model), state=gathered)
     return write
 
 
@@ -241,8 +263,10 @@ def load_data(cfg, tok):
             data.build_examples(split["val"], tok, pool=split["train"], **build) if split["val"] else [])
 
 
-def estimate_memory(model_cfg, n_trainable, cfg, dtype):
-    """A rough peak-memory estimate in bytes: weights, LoRA + AdamW state, activations."""
+def estimate_memory(model_cfg, n_trainable, cfg, dtype, world=1):
+    """A rough peak-memory estimate in bytes, per process: weights, LoRA + AdamW state, activations.
+    With --shard over `world` processes a rank holds 1/world of the weights and of the LoRA + AdamW
+    state, plus two decoder layers gathered whole (the one computing and the next, prefetched)."""
     c = model_cfg
     with torch.device("meta"):  # every base weight, counted (tied embeddings once, q/k/v biases), none stored
         n_base = Transformer(c).n_params()
@@ -250,6 +274,9 @@ def estimate_memory(model_cfg, n_trainable, cfg, dtype):
     per = {"nf4": 0.5 + 4 / 64, "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}.get(cfg.quantize, torch.finfo(dtype).bits / 8)
     weights = n_base * per
     trainable = n_trainable * 4 * 4  # fp32 weight, gradient, two Adam moments
+    if cfg.shard:
+        layer = (n_base - c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)) / c.n_layers * per
+        weights, trainable = weights / world + 2 * layer, trainable / world
     tokens = cfg.micro_batch * cfg.max_len
     act_bytes = 2 if dtype == torch.bfloat16 else 4
     per_layer = tokens * (10 * c.hidden_size + 4 * c.intermediate_size) * act_bytes
@@ -298,9 +325,12 @@ def check_options(cfg, world):
         raise TrainError(f"--out {cfg.out} is a file, not a run folder")
     if cfg.batch_size < world:
         raise TrainError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
+    if cfg.shard and (cfg.full or cfg.compile):
+        raise TrainError(f"--shard trains LoRA weights without torch.compile; it does not take "
+                         f"{'--full' if cfg.full else '--compile'}")
 
 
-def build(cfg, device, dtype):
+def build(cfg, device, dtype, rank=0, world=1):
     """(tokenizer, train examples, val examples, model, trainable count): everything that can fail on
     bad input, done before anything in --out is touched."""
     model_cfg = load_config(cfg.model)
@@ -310,6 +340,16 @@ def build(cfg, device, dtype):
     if cfg.dry_run:  # the plan needs shapes, not weights
         with torch.device("meta"):
             model = Transformer(model_cfg)
+    elif cfg.shard:  # built on the meta device, LoRA added, sharded, then each rank reads its rows
+        box = []
+
+        def add_adapter(skeleton):  # LoRA made whole on the device: the same initial values as unsharded
+            torch.manual_seed(cfg.seed)
+            box.append(lora.add_lora(skeleton, cfg.rank, cfg.alpha, cfg.lora_dropout,
+                                     targets=tuple(cfg.targets.split(",")), rslora=cfg.rslora, device=device))
+        model = shard.build(cfg.model, device, dtype, cfg.quantize or None, add_adapter, world, rank)
+        model.gradient_checkpointing = cfg.checkpointing
+        return tok, train_ex, val_ex, model, box[0]
     else:
         # --full trains every weight: fp32 master weights (autocast still computes in bf16 on CUDA)
         model = load_model(cfg.model, device=device, dtype=torch.float32 if cfg.full else dtype,
@@ -330,7 +370,8 @@ def print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dt
     tokens_epoch = sum(len(e.input_ids) for e in train_ex)
     targets_epoch = sum(n_targets(e) for e in train_ex)
     log(f"model      {cfg.model}  {model.config.arch}, {model.n_params() / 1e6:.1f}M parameters, "
-        f"{cfg.quantize.upper() + ' base, ' if cfg.quantize else ''}{dtype} on {device}{f' x {world} processes' if world > 1 else ''}")
+        f"{cfg.quantize.upper() + ' base, ' if cfg.quantize else ''}{dtype} on {device}{f' x {world} processes' if world > 1 else ''}"
+        f"{', sharded (FSDP2)' if cfg.shard else ''}")
     log(f"trainable  {n_trainable:,} ({'all weights' if cfg.full else f'LoRA r={cfg.rank} alpha={cfg.alpha:g} on {cfg.targets}'})")
     log(f"data       {len(train_ex)} train / {len(val_ex)} val examples, {tokens_epoch:,} tokens "
         f"({targets_epoch:,.0f} target) per epoch, " + ("plain text" if cfg.full else f"variant {cfg.variant}, {cfg.order}"
@@ -338,15 +379,21 @@ def print_plan(log, cfg, model, n_trainable, train_ex, val_ex, total, device, dt
     log(f"schedule   {total} steps of {cfg.batch_size} examples ({cfg.micro_batch} per micro-batch), "
         f"~{tokens_epoch / max(1, len(train_ex)) * cfg.batch_size:,.0f} tokens/step, lr {cfg.lr:g}, "
         f"checkpointing {'on' if cfg.checkpointing else 'off'}, fused AdamW {'on' if device.type == 'cuda' else 'off'}")
-    log(f"memory     ~{estimate_memory(model.config, n_trainable, cfg, dtype) / 2**30:.2f} GiB estimated peak")
+    per_rank = " per process" if world > 1 or cfg.shard else ""
+    log(f"memory     ~{estimate_memory(model.config, n_trainable, cfg, dtype, world) / 2**30:.2f} GiB estimated peak"
+        f"{per_rank}")
+    if cfg.shard:  # what another torchrun --nproc_per_node would take
+        log("           with --shard: " + ", ".join(
+            f"{n} processes ~{estimate_memory(model.config, n_trainable, cfg, dtype, n) / 2**30:.2f} GiB each"
+            for n in sorted({1, 2, 4, 8, world})))
 
 
-def plan(cfg, device, dtype, world, log):
+def plan(cfg, device, dtype, rank, world, log):
     """Check the options, build the model, adapter and examples, print the plan. Returns (tokenizer,
     train examples, val examples, model, steps per epoch, total steps)."""
     check_options(cfg, world)
     torch.manual_seed(cfg.seed)
-    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype)
+    tok, train_ex, val_ex, model, n_trainable = build(cfg, device, dtype, rank, world)
     if not train_ex:
         raise TrainError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
@@ -380,7 +427,7 @@ def setup(cfg, run, model, device, dtype, rank, world, loss_hook=None):
     if world > 1:  # a distinct dropout stream per rank (the LoRA initialisation was the same on all)
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
     train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
+    if world > 1 and not cfg.shard:  # (a sharded model reduces its gradients itself)
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -397,14 +444,17 @@ def resume(loop):
     state, ckpt = loop.run.load_state() if cfg.resume else (None, None)
     if state is None:
         return 0, None
-    if cfg.full:
+    ranks = state.get("rng_ranks") or [(state["rng"], state.get("cuda_rng"))]
+    if len(ranks) != loop.world:  # each rank's dropout stream goes on where it stopped: as many ranks
+        raise TrainError(f"{ckpt}: saved by {len(ranks)} process(es), resumed with {loop.world}; resume with as many")
+    if cfg.shard:  # LoRA and AdamW from the ranks' shards
+        shard.load_state(model, loop.opt, os.path.join(ckpt, runs.SHARDS))
+    elif cfg.full:
         model.load_state_dict(load_model(ckpt, device=device, dtype=torch.float32).state_dict())
+        loop.opt.load_state_dict(state["optimizer"])
     else:
         lora.load_adapter(model, ckpt)
-    loop.opt.load_state_dict(state["optimizer"])
-    ranks = state.get("rng_ranks") or [(state["rng"], state.get("cuda_rng"))]
-    if len(ranks) != loop.world:
-        raise TrainError(f"{ckpt}: saved by {len(ranks)} process(es), resumed with {loop.world}; resume with as many")
+        loop.opt.load_state_dict(state["optimizer"])
     cpu_rng, cuda_rng = ranks[loop.rank]
     torch.set_rng_state(cpu_rng)
     if device.type == "cuda" and cuda_rng is not None:  # LoRA dropout on CUDA draws from this one
@@ -430,17 +480,21 @@ def optimizer_step(loop, train_ex, global_batch, pad_id, step, total):
     for j, micro in enumerate(micros):
         batch = to_device(data.collate([train_ex[i] for i in micro], pad_id), loop.device)
         sync = j == len(micros) - 1 or world == 1
-        with (contextlib.nullcontext() if sync else loop.train_model.no_sync()), loop.autocast:
+        if cfg.shard:  # gradients reduce-scattered after the last micro-batch only, as DDP's no_sync
+            loop.train_model.set_requires_gradient_sync(sync)
+        with (contextlib.nullcontext() if sync or cfg.shard else loop.train_model.no_sync()), loop.autocast:
             loss = loss_sum(loop.train_model, batch) * weight
             if loop.loss_hook is not None:
                 loss = loop.loss_hook(step, loss)
-            # DDP averages gradients over ranks; scaling by world makes that a sum
+            # DDP and FSDP2 average gradients over ranks; scaling by world makes that a sum
             (loss * world / n_tok).backward()
         step_loss += loss.detach()
         tokens += int(batch["attention_mask"].sum()) if weight else 0
     if world > 1:
         dist.all_reduce(step_loss)
     gnorm = torch.nn.utils.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if isinstance(gnorm, DTensor):  # sharded gradients: the norm over all ranks' shards
+        gnorm = gnorm.full_tensor()
     if not (torch.isfinite(step_loss) and torch.isfinite(gnorm)):
         raise TrainError(f"step {step + 1}: non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient'}; "
                          f"stopped without updating. Last good checkpoint: {loop.run.latest() or 'none yet'}")
@@ -451,31 +505,33 @@ def optimizer_step(loop, train_ex, global_batch, pad_id, step, total):
 
 def training_state(loop, step, best):
     """What --resume needs besides the adapter; the CPU and CUDA RNG states of every rank (gathered
-    on all ranks: each rank draws its own dropout masks)."""
+    on all ranks: each rank draws its own dropout masks). A sharded run's AdamW state is not here:
+    each rank writes its part into the checkpoint's shards/ (shard.save_state)."""
     device = loop.device
     mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None)
     ranks = [mine]
     if loop.world > 1:
         ranks = [None] * loop.world
         dist.all_gather_object(ranks, mine)
-    return {"optimizer": loop.opt.state_dict(), "step": step, "best": best, "rng": ranks[0][0],
-            "cuda_rng": ranks[0][1], "rng_ranks": ranks if loop.world > 1 else None}
+    return {"optimizer": None if loop.cfg.shard else loop.opt.state_dict(), "step": step, "best": best,
+            "rng": ranks[0][0], "cuda_rng": ranks[0][1], "rng_ranks": ranks if loop.world > 1 else None}
 
 
 def validate_and_keep_best(loop, val_ex, tok, step, best):
-    """Validation on rank 0 (the others wait); best/ is rewritten when (rating accuracy, -loss)
-    improves. Returns (the validation metrics or None on other ranks, the best key so far)."""
-    last_val = None
+    """Validation, its micro-batches shared among the ranks; best/ is rewritten (by rank 0) when
+    (rating accuracy, -loss) improves. Returns (the validation metrics, the best key so far)."""
+    last_val = validate(loop.model, val_ex, tok, loop.cfg, loop.device, loop.autocast, loop.rank, loop.world)
+    loop.log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
+    if not math.isfinite(last_val["val_loss"]):  # best/ and last/ keep the last finite model
+        raise TrainError(f"step {step}: non-finite validation loss; stopped. Last good checkpoint: "
+                         f"{loop.run.latest() or 'none yet'}")
     if loop.rank == 0:
-        last_val = validate(loop.model, val_ex, tok, loop.cfg, loop.device, loop.autocast)
-        loop.log(f"  val loss {last_val['val_loss']:.4f} | rating accuracy {last_val['val_acc']:.3f}", flush=True)
-        if not math.isfinite(last_val["val_loss"]):  # best/ and last/ keep the last finite model
-            raise TrainError(f"step {step}: non-finite validation loss; stopped. Last good checkpoint: "
-                             f"{loop.run.latest() or 'none yet'}")
         loop.run.log({"step": step, **last_val})
-        if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):
-            best = [last_val["val_acc"], -last_val["val_loss"]]
-            loop.run.save(runs.BEST, weights(loop.cfg, loop.model))
+    if best is None or (last_val["val_acc"], -last_val["val_loss"]) > tuple(best):  # the same on every rank
+        best = [last_val["val_acc"], -last_val["val_loss"]]
+        gathered = shard.gather_adapter(loop.model) if loop.cfg.shard else None  # (every rank takes part)
+        if loop.rank == 0:
+            loop.run.save(runs.BEST, weights(loop.cfg, loop.model, gathered))
     if loop.world > 1:
         dist.barrier()
     return last_val, best
@@ -483,10 +539,19 @@ def validate_and_keep_best(loop, val_ex, tok, step, best):
 
 def checkpoint(loop, step, best):
     """last/ with the training state, written by rank 0 (the first one retires a run that
-    --overwrite moved aside)."""
+    --overwrite moved aside). A sharded run's ranks first write their shards of LoRA and AdamW into
+    last.tmp/shards/ together, then rank 0 adds the gathered adapter and renames it into place."""
     state = training_state(loop, step, best)
+    gathered = None
+    if loop.cfg.shard:
+        if loop.rank == 0:
+            loop.run.stage(runs.LAST)
+        if loop.world > 1:
+            dist.barrier()
+        shard.save_state(loop.model, loop.opt, loop.run.file(runs.LAST + ".tmp", runs.SHARDS))
+        gathered = shard.gather_adapter(loop.model)
     if loop.rank == 0:
-        loop.run.save(runs.LAST, weights(loop.cfg, loop.model), state)
+        loop.run.save(runs.LAST, weights(loop.cfg, loop.model, gathered), state, staged=loop.cfg.shard)
     if loop.world > 1:
         dist.barrier()
 
@@ -539,7 +604,7 @@ def run(cfg, loss_hook=None):
     rank, world = setup_distributed(device)
     log = print if rank == 0 else (lambda *a, **k: None)
     # build and plan: every check of the model, tokenizer, data and options before --out is touched
-    tok, train_ex, val_ex, model, steps_per_epoch, total = plan(cfg, device, dtype, world, log)
+    tok, train_ex, val_ex, model, steps_per_epoch, total = plan(cfg, device, dtype, rank, world, log)
     if cfg.dry_run:
         return None
     run_dir = claim_out(cfg, rank, world)

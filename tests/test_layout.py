@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
-LIBRARY = {"model", "gguf_file", "tokenizer", "lora", "quant", "data", "cli", "runs"}  # what commands build on
+LIBRARY = {"model", "gguf_file", "tokenizer", "lora", "quant", "data", "cli", "runs", "shard"}  # what commands build on
 COMMANDS = {"train", "eval", "analysis", "rate", "damage", "importers", "study", "demo"}
 DRIVERS = {"study", "demo"}  # the experiments: they call the other commands' functions
 

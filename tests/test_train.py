@@ -331,6 +331,29 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(setup, tmp_p
     assert not (out / "lock").exists() and (out / "done.json").exists()
 
 
+def kill_torchrun(proc):
+    """SIGKILL a torchrun launched with start_new_session, and its ranks: they run in sessions of their
+    own (torch.distributed.elastic starts them so), so killing torchrun's group alone leaves them
+    training on. Returns once all are gone."""
+    ranks = [int(d) for d in os.listdir("/proc") if d.isdigit() and _parent(d) == proc.pid]
+    for pid in [*ranks, proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    while any(os.path.exists(f"/proc/{pid}") and _parent(str(pid)) == proc.pid for pid in ranks):
+        time.sleep(0.01)
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _torchrun(setup, out, *extra, port, popen=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     cmd += _cli(setup, out, *extra)[1:]
@@ -370,8 +393,7 @@ def test_two_processes_kill_resume_and_overwrite(setup, tmp_path):
     deadline = time.time() + 200
     while time.time() < deadline and not (tmp_path / "killed" / "last" / "state.pt").exists():
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_torchrun(proc)
     assert not (tmp_path / "killed" / "done.json").exists(), "finished before it was killed"
     _torchrun(setup, tmp_path / "killed", *args, "--resume", port=29544)
     assert_same_adapter(adapter(tmp_path / "whole" / "last"), adapter(tmp_path / "killed" / "last"), 1e-6)
