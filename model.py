@@ -474,8 +474,9 @@ class Transformer(nn.Module):
 
     def n_params(self):
         """Parameters of the model, counting a 4-bit layer's weight as in x out, and its bias (it holds
-        them as buffers, not Parameters)."""
-        n = sum(p.numel() for p in self.parameters())
+        codes and scales, as buffers or, sharded, as frozen Parameters: none of them is counted)."""
+        packed = {id(p) for m in self.modules() if is_4bit(m) for p in m.parameters()}
+        n = sum(p.numel() for p in self.parameters() if id(p) not in packed)
         return n + sum(m.in_features * m.out_features + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
                        for m in self.modules() if is_4bit(m))
 

@@ -88,7 +88,10 @@ def build(path, device, dtype, quantize, add_adapter, world, rank):
                 _nf4_as_parameters(m)
                 fully_shard(m, mesh=mesh)  # its own unit: no mixed-precision cast of the fp32 scales
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # embeddings, final norm, head
+    if not ckpt.config.tie_word_embeddings:  # units of their own, gathered only while used (a shared
+        fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=policy)  # weight stays in the root's)
+        fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: final norm (and a tied embedding)
 
     # read the weights into the sharded skeleton: names as the file has them (a LoRA-wrapped layer's
     # weight lives under .base_layer), each sharded tensor's rows for this rank only

@@ -325,6 +325,9 @@ def check_options(cfg, world):
         raise TrainError(f"--out {cfg.out} is a file, not a run folder")
     if cfg.batch_size < world:
         raise TrainError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
+    if cfg.shard and not cfg.dry_run and "WORLD_SIZE" not in os.environ:
+        raise TrainError("--shard splits the model over the processes of torchrun: launch it with "
+                         "torchrun --nproc_per_node=N train.py ... --shard")
     if cfg.shard and (cfg.full or cfg.compile):
         raise TrainError(f"--shard trains LoRA weights without torch.compile; it does not take "
                          f"{'--full' if cfg.full else '--compile'}")

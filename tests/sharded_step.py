@@ -1,7 +1,7 @@
 """Run by tests/test_shard.py under torchrun: one training step, sharded (shard.build, FSDP2) against
 the same step in one process, on every rank. Prints one JSON line per case from rank 0.
 
-    torchrun --nproc_per_node=N tests/sharded_step.py BASE_DIR
+    torchrun --nproc_per_node=N tests/sharded_step.py BASE_DIR [TIED_BASE_DIR]
 
 Each rank builds the unsharded reference itself (load_model + add_lora with the same seed) and runs
 the whole global batch through it; the sharded model takes this rank's slice of the batch, scaled
@@ -33,52 +33,52 @@ def batch_of(rows, vocab):
     return {"input_ids": ids, "targets": targets}
 
 
-def main(base):
+def main(base, tied=None):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cpu = torch.device("cpu")
-    for quantize in (None, "nf4"):
-        for checkpointing in (False, True):
-            torch.manual_seed(3)
-            ref = load_model(base, quantize=quantize)
-            lora.add_lora(ref, 4, 8, 0.0)
+    cases = [(base, q, c) for q in (None, "nf4") for c in (False, True)] + ([(tied, None, True)] if tied else [])
+    for base, quantize, checkpointing in cases:
+        torch.manual_seed(3)
+        ref = load_model(base, quantize=quantize)
+        lora.add_lora(ref, 4, 8, 0.0)
 
-            def add(m):
-                torch.manual_seed(3)
-                lora.add_lora(m, 4, 8, 0.0, device=cpu)
-            model = shard.build(base, cpu, torch.float32, quantize, add, world, rank)
-            for m in (ref, model):  # B != 0, so that A gets a gradient too
-                m.gradient_checkpointing = checkpointing
-                m.train()
-                with torch.no_grad():
-                    for name, p in m.named_parameters():
-                        if "lora_B" in name:
-                            b = torch.linspace(-0.05, 0.05, p.numel()).view(p.shape)
-                            p.copy_(distribute_tensor(b, p.device_mesh, p.placements) if m is model else b)
-            batch = batch_of(2 * world + 1, ref.config.vocab_size)  # not a multiple of world: uneven slices
-            n_tok = int((batch["targets"] != -100).sum())
-            (train.loss_sum(ref, batch) / n_tok).backward()
-            rows = len(batch["input_ids"])
-            mine = {k: v[rank * rows // world:(rank + 1) * rows // world] for k, v in batch.items()}
-            loss = train.loss_sum(model, mine)
-            (loss * world / n_tok).backward()
-            loss = loss.detach()
-            dist.all_reduce(loss)
-            want = train.loss_sum(ref, batch).detach()
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
-            grad_err = max(((p.grad - grads[n]).norm() / p.grad.norm()).item()
-                           for n, p in ref.named_parameters() if p.requires_grad)
-            whole = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*ref.parameters(), *ref.buffers()]}.values())
-            held = torch.tensor([shard.resident_bytes(model)], dtype=torch.float64)
-            most = held.clone()
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            if rank == 0:
-                print(json.dumps({"quantize": quantize, "checkpointing": checkpointing, "world": world,
-                                  "loss_err": abs(loss.item() - want.item()) / abs(want.item()),
-                                  "grad_err": grad_err, "n_grads": len(grads),
-                                  "held_fraction": most.item() / whole}), flush=True)
+        def add(m):
+            torch.manual_seed(3)
+            lora.add_lora(m, 4, 8, 0.0, device=cpu)
+        model = shard.build(base, cpu, torch.float32, quantize, add, world, rank)
+        for m in (ref, model):  # B != 0, so that A gets a gradient too
+            m.gradient_checkpointing = checkpointing
+            m.train()
+            with torch.no_grad():
+                for name, p in m.named_parameters():
+                    if "lora_B" in name:
+                        b = torch.linspace(-0.05, 0.05, p.numel()).view(p.shape)
+                        p.copy_(distribute_tensor(b, p.device_mesh, p.placements) if m is model else b)
+        batch = batch_of(2 * world + 1, ref.config.vocab_size)  # not a multiple of world: uneven slices
+        n_tok = int((batch["targets"] != -100).sum())
+        (train.loss_sum(ref, batch) / n_tok).backward()
+        rows = len(batch["input_ids"])
+        mine = {k: v[rank * rows // world:(rank + 1) * rows // world] for k, v in batch.items()}
+        loss = train.loss_sum(model, mine)
+        (loss * world / n_tok).backward()
+        loss = loss.detach()
+        dist.all_reduce(loss)
+        want = train.loss_sum(ref, batch).detach()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        grad_err = max(((p.grad - grads[n]).norm() / p.grad.norm()).item()
+                       for n, p in ref.named_parameters() if p.requires_grad)
+        whole = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*ref.parameters(), *ref.buffers()]}.values())
+        most = torch.tensor([shard.resident_bytes(model)], dtype=torch.float64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)  # the fullest rank
+        if rank == 0:
+            print(json.dumps({"quantize": quantize, "checkpointing": checkpointing, "world": world,
+                              "tied": ref.config.tie_word_embeddings,
+                              "loss_err": abs(loss.item() - want.item()) / abs(want.item()),
+                              "grad_err": grad_err, "n_grads": len(grads),
+                              "held_fraction": most.item() / whole}), flush=True)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

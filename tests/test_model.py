@@ -173,6 +173,13 @@ COUNTS = {"llama-2-7b": (6_738_415_616, 291), "mistral-7b-v0.1": (7_241_732_096,
           "mistral-7b-v0.3": (7_248_023_552, 291)}
 
 
+def test_the_70b_preset_has_the_published_count():
+    """Llama-3.1-70B, the README's example of a base for --shard: 70,553,706,496 parameters."""
+    with torch.device("meta"):
+        m = M.Transformer(M.Config.from_name("llama-3.1-70b"))
+    assert (m.n_params(), len(m.state_dict())) == (70_553_706_496, 80 * 9 + 3)
+
+
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_presets_and_fixture_configs_have_the_published_counts(name):
     fixture = M.Config.from_hf(json.load(open(os.path.join(FIXTURES, f"{name}.json"))))

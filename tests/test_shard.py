@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,15 +43,26 @@ def relative_error(a, b):
     return max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
 
 
+@pytest.fixture(scope="module")
+def tied_base(setup, tmp_path_factory):
+    """The tiny base with its head tied to the embedding (as SmolLM2 and Llama-3.2 are)."""
+    from model import Transformer, load_config, save_model
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tied") / "base"
+    save_model(Transformer(replace(load_config(setup["base"]), tie_word_embeddings=True)), str(path))
+    return str(path)
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_a_sharded_step_equals_one_process_and_each_rank_holds_its_share(setup, world):
+def test_a_sharded_step_equals_one_process_and_each_rank_holds_its_share(setup, tied_base, world):
     """Loss and every LoRA gradient of one step on `world` ranks (the batch not a multiple of world)
     against the same step in one process, with the base in fp32 and in NF4, activation checkpointing
-    off and on; and the bytes of parameters and buffers the fullest rank holds."""
-    r = torchrun(world, [os.path.join(ROOT, "tests", "sharded_step.py"), setup["base"]])
+    off and on, and a tied head; and the bytes of parameters and buffers the fullest rank holds."""
+    r = torchrun(world, [os.path.join(ROOT, "tests", "sharded_step.py"), setup["base"], tied_base])
     assert r.returncode == 0, r.stderr[-3000:]
     cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert [(c["quantize"], c["checkpointing"]) for c in cases] == [(None, False), (None, True), ("nf4", False), ("nf4", True)]
+    assert [(c["quantize"], c["checkpointing"], c["tied"]) for c in cases] == [
+        (None, False, False), (None, True, False), ("nf4", False, False), ("nf4", True, False), (None, True, True)]
     for c in cases:
         assert c["world"] == world and c["n_grads"] == 2 * 7 * 2  # A and B of 7 projections, 2 layers
         assert c["loss_err"] <= 1e-5 and c["grad_err"] <= 1e-5, c
@@ -155,9 +167,12 @@ def test_a_killed_sharded_run_resumes_to_the_same_adapter(setup, tmp_path):
 
 
 def test_shard_refuses_what_it_does_not_do(setup, tmp_path):
+    r = subprocess.run(_cli(setup, tmp_path / "x", "--shard"), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "launch it with torchrun" in r.stderr and "Traceback" not in r.stderr
     for extra, word in ((["--full"], "--full"), (["--compile"], "--compile")):
-        r = subprocess.run(_cli(setup, tmp_path / "x", "--shard", *extra), capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
+        r = torchrun(1, _cli(setup, tmp_path / "x", "--shard", *extra)[1:])
+        # one line from the rank (torchrun adds its own report of the failed rank after it)
+        assert r.returncode != 0 and f"does not take {word}" in r.stderr and "]: Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
     r = subprocess.run(_cli(setup, tmp_path / "x", "--shard", "--dry-run"), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "8 processes" in r.stdout, r.stderr
