@@ -1,6 +1,7 @@
-"""Everything a GPU session should measure, in one command that stays under 7 minutes on an H200.
+"""Everything a GPU session should measure, in one command that stays under 7 minutes on one H200.
 
-    python bench/gpu.py --out $OUT                 # on the GPU machine: every stage at full size, 400 s at most
+    python bench/gpu.py --out $OUT                 # on the GPU machine: every stage at full size, 400 s at most on one GPU
+                                                   # (2 GPUs or more add the sharded stage: 120 s more)
     python bench/gpu.py --smoke --out /tmp/g       # every stage at tiny sizes on the CPU, seconds (tests/test_bench.py)
     python bench/gpu.py --only train_bf16,score    # some stages only
 
@@ -24,6 +25,10 @@ still runs; each one has a time budget, and the whole run a deadline):
   real_run    train.py for a few hundred steps (bf16, checkpointing on) on the demo corpus, on
               SmolLM2-135M when `python -m model --smollm2` names its GGUF file and train.py takes
               it, else on a random demo-sized base; then eval.py on the test split
+  sharded     on a machine with 2 GPUs or more: bench/shard.py --device cuda, the 1.1B model
+              sharded with FSDP2 (train.py --shard's build) over 1, 2, 4, 8 GPUs (as many as there
+              are): each rank's held bytes, peak memory while loading and in a LoRA step, step time;
+              on one GPU it is skipped (in --smoke it runs bench/shard.py --smoke on the CPU, 2 ranks)
 
 MFU = 4 x base parameters x tokens/s / the bf16 matrix rate measured in `matmul` (frozen-base LoRA:
 forward 2N, backward to the activations 2N FLOPs per token; the recomputation of checkpointing is not
@@ -33,7 +38,7 @@ activations; not the bf16 weights the NF4 sides are quantised from here), the si
 the other and each freed before the next; on the CPU (smoke) it is the peak RSS, which says little. Writes gpu.json (rewritten after every
 stage, so a run cut short keeps what it measured), gpu.md (the short table), gpu_trace.txt and the
 logs of the two subprocess stages under --out (default: $OUT, else bench/results/).
-Left out: multi-GPU, torch.compile, long-context profiles, the load benchmark (bench/load.py).
+Left out: multi-GPU training beyond the sharded stage, torch.compile, long-context profiles, the load benchmark (bench/load.py).
 """
 import argparse
 import contextlib
@@ -53,10 +58,14 @@ from dataclasses import asdict, replace
 import common  # puts the project root on sys.path
 
 ROOT = common.ROOT
-STAGES = ("matmul", "cuda_tests", "train_bf16", "train_nf4", "score", "real_run")
-# seconds each stage may take at full size; the sum is the deadline, under the 7 minutes asked for
-BUDGET = {"matmul": 20, "cuda_tests": 75, "train_bf16": 90, "train_nf4": 80, "score": 50, "real_run": 85}
-SMOKE_BUDGET = {"matmul": 10, "cuda_tests": 60, "train_bf16": 40, "train_nf4": 40, "score": 30, "real_run": 60}
+STAGES = ("matmul", "cuda_tests", "train_bf16", "train_nf4", "score", "real_run", "sharded")
+# seconds each stage may take at full size; the sum is the deadline: on one GPU, where the sharded stage
+# is skipped at once, the others' 400 s stay under the 7 minutes asked for
+# (sharded runs on a machine with two GPUs or more only; on one it is skipped at once and costs nothing)
+BUDGET = {"matmul": 20, "cuda_tests": 75, "train_bf16": 90, "train_nf4": 80, "score": 50, "real_run": 85,
+          "sharded": 120}
+SMOKE_BUDGET = {"matmul": 10, "cuda_tests": 60, "train_bf16": 40, "train_nf4": 40, "score": 30, "real_run": 60,
+                "sharded": 90}
 GOALS = {"mfu": 0.45, "bf16_peak_gb": 20.0, "nf4_peak_gb": 8.0, "tokens_vs_hf": 1.0, "nf4_vs_bf16": 0.80,
          "score_vs_hf": 2.0}
 REAL_RUN = {  # train.py settings of the real run; lr by base (a random base needs a larger step)
@@ -777,6 +786,8 @@ def markdown(doc):
         if name == "real_run" and "loss_fell" in s:
             note = (f"{s['base']}: loss {s['loss_first']:.3f} -> {s['loss_last']:.3f} in {s['steps']} steps"
                     + (f", test accuracy {s['eval']['accuracy']:.3f}" if s.get("eval") else ""))
+        if name == "sharded" and s.get("runs"):
+            note = "; ".join(f"{r['run']}: holds {common.gib(r['held_bytes'])}, step {r['step_s']:.2f} s" for r in s["runs"])
         if name == "train_nf4" and s.get("sides", {}).get("hf-nf4", {}).get("status") == "skipped":
             note = note or f"hf-nf4 skipped: {s['sides']['hf-nf4']['reason']}"
         note = note.replace("|", "/").replace("\n", " ")[:300]
@@ -788,6 +799,38 @@ def markdown(doc):
             v = f"{v:.1%}" if "MFU" in t["target"] else (f"{v:.2f}" if isinstance(v, float) else str(v))
             lines.append(f"| {t['target']} | {v} | {t['goal']} | {common.verdict(t['pass'])} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- stage: sharded
+
+def stage_sharded(report, res, limit):
+    import torch
+    n = torch.cuda.device_count() if report.device.type == "cuda" else 0
+    if report.smoke:
+        args, device = ["--smoke", "--worlds", "2"], "cpu"
+    elif n < 2:
+        res.update(status="skipped", reason=f"needs 2 GPUs or more; this machine has {n}")
+        return
+    else:
+        args, device = ["--worlds", ",".join(str(w) for w in (1, 2, 4, 8) if w <= n)], "cuda"
+    path = report.path("gpu_shard.json")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "shard.py"), *args, "--device", device, "--json", path]
+    res["command"] = " ".join(["python bench/shard.py", *args, "--device", device])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10, limit - 5),
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    with open(report.path("gpu_shard.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        res.update(status="error", error=f"bench/shard.py exited with status {proc.returncode}: "
+                                         f"{(proc.stdout + proc.stderr)[-400:]}")
+        return
+    doc = json.load(open(path))
+    res.update(log="gpu_shard.txt", result="gpu_shard.json", runs=[
+        {"run": r["name"], "held_bytes": r["max_held_bytes"], "load_peak_bytes": r["max_load_peak_bytes"],
+         "cuda_peak_bytes": max(x.get("cuda_peak_bytes", 0) for x in r["ranks"]), "step_s": r["step_s"]}
+        for r in doc["runs"]])
+    for r in res["runs"]:
+        print(f"   {r['run']}: holds {common.gib(r['held_bytes'])}, step {r['step_s']:.2f} s")
 
 
 # ----------------------------------------------------------------------------- main
@@ -826,7 +869,8 @@ def main(argv=None):
           f"torch {torch.__version__}; writing {report.out_dir}/gpu.json and gpu.md", flush=True)
     deadline = time.time() + (args.deadline or sum(budget.values()))
     funcs = {"matmul": stage_matmul, "cuda_tests": stage_cuda_tests, "train_bf16": stage_train_bf16,
-             "train_nf4": stage_train_nf4, "score": stage_score, "real_run": stage_real_run}
+             "train_nf4": stage_train_nf4, "score": stage_score, "real_run": stage_real_run,
+             "sharded": stage_sharded}
     for name in STAGES:
         if only and name not in only:
             report.stages[name] = {"status": "skipped", "reason": "not in --only"}

@@ -93,9 +93,25 @@ def test_load_gguf_smoke(tmp_path, smollm2_gguf):
     check_targets(result)
 
 
+def test_shard_smoke(tmp_path):
+    """bench/shard.py --smoke: the whole model in one process, then sharded over 1 and 2 ranks; each
+    rank reports what it holds, its peak RSS while loading and its step time."""
+    result, stdout = run_bench("shard", tmp_path, "--worlds", "1,2", "--steps", "1")
+    assert result["benchmark"] == "shard" and result["profile"] == "smoke"
+    assert [r["name"] for r in result["runs"]] == ["whole, 1 process", "sharded, 1 rank", "sharded, 2 ranks"]
+    assert [len(r["ranks"]) for r in result["runs"]] == [1, 1, 2]
+    for run in result["runs"]:
+        for rank in run["ranks"]:
+            assert rank["held_bytes"] > 0 and rank["load_peak_bytes"] > 0 and rank["step_s"] > 0
+    whole, two = result["runs"][0]["max_held_bytes"], result["runs"][2]["max_held_bytes"]
+    assert two <= 0.55 * whole  # measured, not assumed: each of 2 ranks holds half (LoRA included)
+    check_targets(result)
+    assert "peak RSS loading" in stdout
+
+
 # ----------------------------------------------------------------------------- bench/gpu.py
 
-GPU_STAGES = ["matmul", "cuda_tests", "train_bf16", "train_nf4", "score", "real_run"]
+GPU_STAGES = ["matmul", "cuda_tests", "train_bf16", "train_nf4", "score", "real_run", "sharded"]
 
 
 def test_gpu_smoke(tmp_path):
@@ -140,6 +156,7 @@ def test_gpu_smoke(tmp_path):
     assert st["score"]["ratio"] > 0 and st["score"]["max_logit_diff"] < 1e-4
     run = st["real_run"]
     assert run["steps"] > 0 and run["eval"]["n"] > 0 and "random base" in run["base"]
+    assert [r["run"] for r in st["sharded"]["runs"]] == ["whole, 1 process", "sharded, 2 ranks"]
     assert all(isinstance(t["pass"], bool) for t in doc["targets"])
     table = (out / "gpu.md").read_text()
     assert "| stage | status |" in table and "| figure | this project | transformers | ratio |" in table
