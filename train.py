@@ -21,11 +21,12 @@ at a time, checkpoints renamed into place, so a crash never leaves half of one.
 Left out: model code (model.py, lora.py), data handling (data.py), metrics (eval.py), the folder's
 files (runs.py).
 
-Length: ~700 lines, one concern: a training run as a user launches it. Its config and checks, the
+Length: ~715 lines, one concern: a training run as a user launches it. Its config and checks, the
 stages of `run` in the order they happen, the grid of variants x seeds and the command line.
 """
 import cli  # first, so that Ctrl-C while torch loads is one line too (cli.py)
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -162,7 +163,7 @@ def validate(model, examples, tok, cfg, device, autocast, rank=0, world=1):
     meet on every rank."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, target tokens, correct ratings
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, target tokens, correct ratings (NCCL: on the GPU)
     rating_ids = data.rating_token_ids(tok)
     micros = data.batch_indices(examples, cfg.micro_batch, seed=0, epoch=0)
     for k in range(rank, -(-len(micros) // world) * world, world):
@@ -175,7 +176,8 @@ def validate(model, examples, tok, cfg, device, autocast, rank=0, world=1):
                 pred = rating_logits(model, batch, rating_ids).argmax(-1) + 1
                 correct = (pred == batch["label"]).sum().item()
         if k < len(micros):
-            sums += torch.tensor([loss, int((batch["targets"] != data.IGNORE_INDEX).sum()), correct], dtype=torch.float64)
+            sums += torch.tensor([loss, int((batch["targets"] != data.IGNORE_INDEX).sum()), correct],
+                                 dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(sums)
     model.train(was_training)
@@ -612,6 +614,7 @@ def run(cfg, loss_hook=None):
         return None
     run_dir = claim_out(cfg, rank, world)
     stop = Interrupt(enabled=world == 1)  # Ctrl-C ends the run after the step in progress, with a checkpoint
+    loop = None
     try:
         if run_dir.finished:  # --resume of a finished run: nothing to do, and done.json stays as it is
             log(f"{cfg.out}: finished already ({runs.DONE}); nothing to resume")
@@ -661,6 +664,13 @@ def run(cfg, loss_hook=None):
         stop.close()
         run_dir.release()
         if world > 1:
+            # DDP's C++ Reducer holds the process group; were it the last holder, its destructor
+            # (which keeps the GIL) would join Gloo's worker threads while one waits for the GIL
+            # to free a finished collective's tensors: a finished run whose rank never exits (seen,
+            # about one 2-process run in ten; gdb showed both threads). So the Reducer goes first,
+            # and the group is destroyed through its own binding, which lets go of the GIL.
+            loop = None
+            gc.collect()
             dist.destroy_process_group()
 
 
