@@ -37,7 +37,8 @@ def main(base, tied=None):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cpu = torch.device("cpu")
-    cases = [(base, q, c) for q in (None, "nf4") for c in (False, True)] + ([(tied, None, True)] if tied else [])
+    cases = [(base, q, c) for q in (None, "nf4") for c in (False, True)] + [(base, "nf4-dq", True)]
+    cases += [(tied, None, True)] if tied else []
     for base, quantize, checkpointing in cases:
         torch.manual_seed(3)
         ref = load_model(base, quantize=quantize)

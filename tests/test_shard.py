@@ -55,14 +55,15 @@ def tied_gguf(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_sharded_step_equals_one_process_and_each_rank_holds_its_share(setup, tied_gguf, world):
     """Loss and every LoRA gradient of one step on `world` ranks (the batch not a multiple of world)
-    against the same step in one process, with the base in fp32 and in NF4, activation checkpointing
-    off and on, and a tied head read from a GGUF file; and the bytes of parameters and buffers the
+    against the same step in one process, with the base in fp32, NF4 and NF4 with 8-bit scales,
+    activation checkpointing off and on, and a tied head read from a GGUF file; and the bytes of parameters and buffers the
     fullest rank holds."""
     r = torchrun(world, [os.path.join(ROOT, "tests", "sharded_step.py"), setup["base"], tied_gguf])
     assert r.returncode == 0, r.stderr[-3000:]
     cases = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [(c["quantize"], c["checkpointing"], c["tied"]) for c in cases] == [
-        (None, False, False), (None, True, False), ("nf4", False, False), ("nf4", True, False), (None, True, True)]
+        (None, False, False), (None, True, False), ("nf4", False, False), ("nf4", True, False),
+        ("nf4-dq", True, False), (None, True, True)]
     for c in cases:
         assert c["world"] == world and c["n_grads"] == 2 * 7 * 2  # A and B of 7 projections, 2 layers
         assert c["loss_err"] <= 1e-5 and c["grad_err"] <= 1e-5, c
