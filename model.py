@@ -21,11 +21,12 @@ and a saved folder loads in `transformers`.
 
     python -m model --smollm2                 # prints where that GGUF file is
 
-Length: ~895 lines: the config, the presets and the checks that name a bad field (~235), the decoder
-(~185), loading and saving checkpoints (~305, `Checkpoint` streaming one tensor at a time, whole or
-only some rows, for `load_model` and for train.py --shard), and KV-cache generation. Loading is long for its checks: a
-damaged or hostile checkpoint fails in one line naming the file and tensor, and the weights' headers
-are checked against the config before a layer is built, so no bad number allocates anything.
+Length: ~900 lines: the config, the presets and the checks that name a bad field (~245), the decoder
+(~185), loading and saving checkpoints (~305: `Checkpoint` streams one tensor at a time, whole or
+only some rows, for `load_model` and for train.py --shard), and KV-cache generation. Loading is long
+for its checks: a damaged or hostile checkpoint fails in one line naming the file and tensor, and
+the weights' headers are checked against the config before a layer is built, so no bad number
+allocates anything.
 """
 import importlib.util
 import json
@@ -664,8 +665,8 @@ class Checkpoint:
 
     def state(self, model, dtype, device="cpu", rows=None):
         """Yield (name, tensor) for every entry of `model`'s state dict (a `skeleton` of this config,
-        on the meta device, possibly sharded already), each read, checked, cast to `dtype` and put on
-        `device`; an NF4Linear's entries (codes and scales) are quantised from the stored weight.
+        on the meta device), each read, checked, cast to `dtype` and put on `device`; an NF4Linear's
+        entries (codes and scales) are quantised from the stored weight.
 
         rows(name, shape), when given, says which rows (start, stop) of an entry's first dimension
         to keep, or None for all: a safetensors tensor is then read only there; a GGUF tensor or a

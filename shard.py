@@ -152,8 +152,3 @@ def resident_bytes(model):
         return t.to_local() if isinstance(t, DTensor) else t
     tensors = {id(t): local(t) for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def is_sharded(model):
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
