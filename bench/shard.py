@@ -21,10 +21,7 @@ torch.cuda.max_memory_allocated.
 """
 import argparse
 import contextlib
-import json
 import os
-import subprocess
-import sys
 import time
 
 import common  # puts the project root on sys.path
@@ -114,18 +111,12 @@ def worker(path, sharded, steps, device_type):
 
 
 def launch(path, world, sharded, steps, threads, device):
+    """The worker in a fresh process (world 0), or under torchrun on `world` ranks; rank 0's reply."""
     argv = [os.path.abspath(__file__), "--worker", path, "--steps", str(steps), "--device", device]
     argv += ["--sharded"] if sharded else []
-    env = {"BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    if world == 0:
-        return common.run_worker(argv, env=env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT, timeout=3600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"torchrun with {world} ranks failed with exit status {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    if world:  # common.run_worker runs `python argv...`: here `python -m torch.distributed.run ...`
+        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *argv]
+    return common.run_worker(argv, env={"BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)})
 
 
 def main():
