@@ -3,7 +3,6 @@ equal single-process and data-parallel ones, kill and resume, and the exported a
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -11,22 +10,12 @@ import torch
 
 import data
 import train
-from test_train import _cli, adapter, config, kill_torchrun, setup  # noqa: F401  (setup: the tiny base and data)
+from test_train import _cli, adapter, config, kill_torchrun, setup, torchrun  # noqa: F401  (setup: the tiny base and data)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # dropout off, so that 1, 2 and 4 processes draw nothing different (the rest is _cli's: LoRA r=4, lr 1e-2)
 RUN = ["--lora-dropout", "0", "--batch-size", "8", "--micro-batch", "4", "--save-every", "5", "--val-every", "10",
        "--log-every", "5"]
-
-
-def torchrun(n, args, popen=False, timeout=300):
-    """`torchrun --standalone --nproc_per_node=n` (a free port of its own) with one thread per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 def train_cli(setup, out, *extra, n=0):

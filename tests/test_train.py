@@ -160,10 +160,7 @@ def test_kill_and_resume_gives_the_same_adapter(setup, tmp_path):
 def test_torchrun_two_processes_equal_one(setup, tmp_path):
     args = ["--steps", "3", "--lora-dropout", "0", "--checkpointing"]
     subprocess.run(_cli(setup, tmp_path / "one", *args), check=True, capture_output=True, cwd=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    r = subprocess.run(cmd + _cli(setup, tmp_path / "two", *args)[1:], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(setup, tmp_path / "two", *args)
     assert "x 2 processes" in r.stdout
     assert_same_adapter(adapter(tmp_path / "one" / "last"), adapter(tmp_path / "two" / "last"), 1e-5)
 
@@ -354,15 +351,21 @@ def _parent(pid):
         return None
 
 
-def _torchrun(setup, out, *extra, port, popen=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    cmd += _cli(setup, out, *extra)[1:]
+def torchrun(n, args, popen=False, timeout=300):
+    """`torchrun --standalone --nproc_per_node=n` (a free port of its own) with one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def _torchrun(setup, out, *extra, popen=False):
+    """train.py with _cli's settings on 2 ranks; a finished one must have succeeded."""
+    r = torchrun(2, _cli(setup, out, *extra)[1:], popen=popen)
+    if not popen:
+        assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
@@ -376,7 +379,7 @@ def test_two_processes_short_last_batch_does_not_hang(setup, tmp_path):
     data.write_jsonl(kept, small)  # 17 training examples: batches of 8, 8 and 1
     args = ["--data", small, "--epochs", "1", "--batch-size", "8", "--micro-batch", "8", "--lora-dropout", "0"]
     subprocess.run(_cli(setup, tmp_path / "one", *args), check=True, capture_output=True, cwd=ROOT)
-    _torchrun(setup, tmp_path / "two", *args, port=29541)
+    _torchrun(setup, tmp_path / "two", *args)
     assert json.load(open(tmp_path / "two" / "done.json"))["step"] == 3
     assert_same_adapter(adapter(tmp_path / "one" / "last"), adapter(tmp_path / "two" / "last"), 1e-5)
 
@@ -385,19 +388,19 @@ def test_two_processes_kill_resume_and_overwrite(setup, tmp_path):
     """With dropout, per-rank RNG streams saved and restored: a killed and resumed 2-process run
     equals the uninterrupted one; --overwrite of a finished 2-process run trains again."""
     args = ["--steps", "12", "--lora-dropout", "0.1"]
-    _torchrun(setup, tmp_path / "whole", *args, port=29542)
+    _torchrun(setup, tmp_path / "whole", *args)
     state = torch.load(tmp_path / "whole" / "last" / "state.pt", weights_only=True)
     (cpu0, _), (cpu1, _) = state["rng_ranks"]  # (CPU, CUDA) RNG state of each rank
     assert not torch.equal(cpu0, cpu1)
-    proc = _torchrun(setup, tmp_path / "killed", *args, port=29543, popen=True)
+    proc = _torchrun(setup, tmp_path / "killed", *args, popen=True)
     deadline = time.time() + 200
     while time.time() < deadline and not (tmp_path / "killed" / "last" / "state.pt").exists():
         time.sleep(0.01)
     kill_torchrun(proc)
     assert not (tmp_path / "killed" / "done.json").exists(), "finished before it was killed"
-    _torchrun(setup, tmp_path / "killed", *args, "--resume", port=29544)
+    _torchrun(setup, tmp_path / "killed", *args, "--resume")
     assert_same_adapter(adapter(tmp_path / "whole" / "last"), adapter(tmp_path / "killed" / "last"), 1e-6)
-    r = _torchrun(setup, tmp_path / "whole", *args, "--overwrite", port=29545)
+    r = _torchrun(setup, tmp_path / "whole", *args, "--overwrite")
     assert "x 2 processes" in r.stdout and (tmp_path / "whole" / "done.json").exists()
 
 
