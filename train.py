@@ -668,8 +668,10 @@ def run(cfg, loss_hook=None):
             # (which keeps the GIL) would join Gloo's worker threads while one waits for the GIL
             # to free a finished collective's tensors: a finished run whose rank never exits (seen,
             # about one 2-process run in ten; gdb showed both threads). So the Reducer goes first,
-            # and the group is destroyed through its own binding, which lets go of the GIL.
-            loop = None
+            # and the group is destroyed through its own binding, which lets go of the GIL. A
+            # sharded model holds the group too (FSDP, in reference cycles): freed here as well, not
+            # at interpreter exit, where the same free aborts the process.
+            loop = model = None
             gc.collect()
             dist.destroy_process_group()
 

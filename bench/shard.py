@@ -21,6 +21,7 @@ torch.cuda.max_memory_allocated.
 """
 import argparse
 import contextlib
+import gc
 import os
 import time
 
@@ -102,6 +103,8 @@ def worker(path, sharded, steps, device_type):
     if dist.is_initialized():
         replies = [None] * world
         dist.all_gather_object(replies, reply)
+        del model, opt, params
+        gc.collect()  # the sharded model holds the process group: freed first (see train.run's end)
         dist.destroy_process_group()
         reply = replies
     else:

@@ -8,6 +8,7 @@ the whole global batch through it; the sharded model takes this rank's slice of 
 as train.optimizer_step scales it, so that FSDP2's averaging reduce-scatter gives the gradient of
 the whole batch's token-normalised loss.
 """
+import gc
 import json
 import os
 import sys
@@ -78,6 +79,8 @@ def main(base, tied=None):
                               "loss_err": abs(loss.item() - want.item()) / abs(want.item()),
                               "grad_err": grad_err, "n_grads": len(grads),
                               "held_fraction": most.item() / whole}), flush=True)
+    del model, ref
+    gc.collect()  # the sharded model holds the process group: freed first (see train.run's end)
     dist.destroy_process_group()
 
 
